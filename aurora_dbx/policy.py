@@ -137,6 +137,9 @@ class CredentialSettings:
     service_credential: str | None = None
     web_identity_token_file: str | None = None
     web_identity_role_arn: str | None = None
+    # The IAM role behind the base credentials (the UC service credential's role or the
+    # instance profile's role): `plan` writes it into each role's trust policy.
+    base_role_arn: str | None = None
     max_age_hours: float = 24.0
 
 
@@ -451,15 +454,16 @@ def _build(data: Any, source: str) -> Policy:
     creds = CredentialSettings()
     if "credentials" in data:
         c = _expect(data["credentials"], dict, source, "credentials", "a mapping")
-        _keys(c, source, "credentials", set(), {"source", "service_credential", "web_identity_token_file", "web_identity_role_arn", "max_age_hours"})
+        _keys(c, source, "credentials", set(), {"source", "service_credential", "web_identity_token_file", "web_identity_role_arn", "base_role_arn", "max_age_hours"})
         src = c.get("source", "auto")
         if src not in CREDENTIAL_SOURCES:
             raise PolicyError(f"must be one of {', '.join(CREDENTIAL_SOURCES)}", source=source, key="credentials.source")
-        for opt in ("service_credential", "web_identity_token_file", "web_identity_role_arn"):
+        for opt in ("service_credential", "web_identity_token_file", "web_identity_role_arn", "base_role_arn"):
             if opt in c:
                 _expect(c[opt], str, source, f"credentials.{opt}", "a string")
-        if "web_identity_role_arn" in c and not _ROLE_ARN.match(c["web_identity_role_arn"]):
-            raise PolicyError("is not an IAM role ARN", source=source, key="credentials.web_identity_role_arn")
+        for opt in ("web_identity_role_arn", "base_role_arn"):
+            if opt in c and not _ROLE_ARN.match(c[opt]):
+                raise PolicyError("is not an IAM role ARN", source=source, key=f"credentials.{opt}")
         if src == "service_credential" and "service_credential" not in c:
             raise PolicyError("source service_credential needs credentials.service_credential (the UC service credential name)", source=source, key="credentials.service_credential")
         if src == "web_identity" and "web_identity_token_file" not in c:
@@ -470,7 +474,7 @@ def _build(data: Any, source: str) -> Policy:
             raise PolicyError("must be more than 0 and at most 24 (credentials are re-established at least daily)", source=source, key="credentials.max_age_hours")
         creds = CredentialSettings(
             src, c.get("service_credential"), c.get("web_identity_token_file"),
-            c.get("web_identity_role_arn"), float(max_age),
+            c.get("web_identity_role_arn"), c.get("base_role_arn"), float(max_age),
         )
 
     audit = AuditSettings()

@@ -6,6 +6,9 @@ Only what identity resolution needs is served, shaped like the real workspace:
   the principal registered for that token. Users have ``userName`` = e-mail; service
   principals have ``userName`` = their application id (a UUID) and ``displayName`` =
   their name, as the real workspace answers for a service principal's token.
+* ``GET /.well-known/databricks-config`` (unauthenticated host metadata the
+  databricks-sdk probes when a client is configured) answers ``workspace_id``,
+  ``cloud`` and ``oidc_endpoint`` like an AWS workspace.
 * Unknown or missing tokens get ``401`` with a Databricks-style JSON error
   (``{"error_code": "UNAUTHENTICATED", "message": ...}``); unknown paths get ``404``
   ``ENDPOINT_NOT_FOUND``.
@@ -81,7 +84,10 @@ class DatabricksPrincipal:
 class FakeDatabricksWorkspace:
     """Threaded loopback HTTP server answering the workspace SCIM ``Me`` endpoint."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, workspace_id: str = "1234567890123456"
+    ) -> None:
+        self.workspace_id = workspace_id
         self.delay_seconds: float = 0.0
         self.down: bool = False
         self.requests: list[tuple[str, str]] = []  # (method, path) seen, for tests
@@ -175,6 +181,10 @@ class FakeDatabricksWorkspace:
                 if workspace.down:
                     self._send(503, {"error_code": "TEMPORARILY_UNAVAILABLE",
                                      "message": "The service at /api/2.0 is temporarily unavailable."})
+                    return
+                if self.command == "GET" and path == "/.well-known/databricks-config":
+                    self._send(200, {"oidc_endpoint": f"{workspace.url}/oidc",
+                                     "workspace_id": workspace.workspace_id, "cloud": "aws"})
                     return
                 auth = self.headers.get("Authorization", "")
                 token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""

@@ -418,6 +418,11 @@ class LocalStack:
                     jars.append(str(Path(cand).resolve()))
         return jars
 
+    def pids(self) -> list[int]:
+        """Process ids of the stack's direct children (moto, database servers)."""
+        procs = [self._moto] + [db.process for db in self._databases.values()]
+        return [p.pid for p in procs if p is not None and p.pid is not None]
+
     def __repr__(self) -> str:
         state = "running" if self._started else "stopped"
         return f"LocalStack({state}, dir={self._dir}, engines={list(self.engines)})"

@@ -71,7 +71,7 @@ def check_roles(ctx: Context) -> list[RoleCheck]:
 
         def query(cl: Any = cluster, r: Any = role, s: Any = session) -> Any:
             dialect = dialect_for(cl)
-            conn = open_connection(dialect, cl, r.db_user, s.credentials, ctx.tokens,
+            conn = open_connection(dialect, cl, r.db_user, ctx.token_source(r),
                                    read_only=r.access == "read", tags=ctx.connection_tags(me))
             try:
                 with conn.cursor() as cur:

@@ -24,9 +24,26 @@ from .engines import Dialect
 from .errors import ConnectionFailed, CredentialError
 from .policy import Cluster
 from .redaction import register_secret, scrub
-from .tokens import TokenCache
+from .tokens import Token, TokenCache
 
-__all__ = ["CONNECT_RETRY_STOP", "CONNECT_RETRY_WAIT", "open_connection"]
+__all__ = ["CONNECT_RETRY_STOP", "CONNECT_RETRY_WAIT", "TokenSource", "open_connection", "session_tokens"]
+
+# fresh=True asks for a newly minted token (after the server refused a cached one).
+TokenSource = Callable[[bool], Token]
+
+
+def session_tokens(
+    credentials: Callable[[], RoleCredentials], tokens: TokenCache, cluster: Cluster, db_user: str
+) -> TokenSource:
+    """Tokens for ``db_user`` on ``cluster`` signed with a live role session (driver side)."""
+
+    def source(fresh: bool) -> Token:
+        creds = credentials()
+        register_secret(creds.secret_access_key)
+        register_secret(creds.session_token)
+        return tokens.get(creds, cluster.host, cluster.port, db_user, cluster.region, fresh=fresh)
+
+    return source
 
 # A failover on Aurora takes ~30 s; keep trying a little longer than that.
 CONNECT_RETRY_STOP = tenacity.stop_after_attempt(8) | tenacity.stop_after_delay(60)
@@ -42,8 +59,7 @@ def open_connection(
     dialect: Dialect,
     cluster: Cluster,
     db_user: str,
-    credentials: Callable[[], RoleCredentials],
-    tokens: TokenCache,
+    token_source: TokenSource,
     *,
     read_only: bool,
     tags: dict[str, str],
@@ -54,20 +70,16 @@ def open_connection(
     """A DB-API connection as ``db_user`` authenticated with a fresh IAM token."""
 
     def attempt_once() -> Any:
-        creds = credentials()
-        register_secret(creds.secret_access_key)
-        register_secret(creds.session_token)
         fresh = False
         while True:
-            token = tokens.get(creds, cluster.host, cluster.port, db_user, cluster.region, fresh=fresh)
+            token = token_source(fresh)
             register_secret(token.value)
             try:
                 return dialect.dbapi_connect(cluster, db_user, token.value, read_only=read_only, tags=tags)
             except Exception as e:
                 if dialect.is_auth_failure(e) and not fresh:
-                    # The cached token may have been minted just before a clock jump or
-                    # a session rotation: one fresh token, once.
-                    tokens.invalidate(creds, cluster.host, cluster.port, db_user, cluster.region)
+                    # The cached token may be older than the server accepts (clock skew,
+                    # a rotated session): one fresh token, once.
                     fresh = True
                     continue
                 if dialect.is_transient(e):

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from .audit import AuditEvent, Auditor, Sink, sink_for
-from .connections import open_connection
+from .connections import TokenSource, open_connection, session_tokens
 from .credentials import AssumeRoleEvent, RoleCredentials, RoleSession, RoleSessionCache, utcnow
 from .engines import dialect_for
 from .errors import AccessDenied, PolicyError
@@ -159,11 +159,24 @@ class Context:
                 tags[k] = v
         return {k: v for k, v in tags.items() if v}
 
+    def token_source(self, role: Role) -> TokenSource:
+        """Fresh-or-cached tokens for ``role``'s database user, from its live role session."""
+        return session_tokens(
+            self.role_session(role).credentials, self.tokens, self.policy.clusters[role.cluster], role.db_user
+        )
+
+    def open(self, role: Role, *, read_only: bool, extra_tags: Mapping[str, str | None] | None = None) -> Any:
+        """A DB-API connection for ``role`` (already decided) with a fresh token."""
+        cluster = self.policy.clusters[role.cluster]
+        return open_connection(
+            dialect_for(cluster), cluster, role.db_user, self.token_source(role),
+            read_only=read_only, tags=self.connection_tags(self.principal(), extra_tags),
+        )
+
     def connect(self, *, cluster: str | None = None, role: str | None = None, access: Access = "read") -> Any:
         p, chosen, target = self.decide(None, access, cluster=cluster, role=role)
-        session = self.role_session(chosen)
         conn = open_connection(
-            dialect_for(target), target, chosen.db_user, session.credentials, self.tokens,
+            dialect_for(target), target, chosen.db_user, self.token_source(chosen),
             read_only=chosen.access == "read" or access == "read",
             tags=self.connection_tags(p, {"mlflow_run": _active_mlflow_run_id()}),
         )

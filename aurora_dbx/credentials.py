@@ -67,7 +67,7 @@ _RETRYABLE_CODES = {
 # botocore retries too by default; one layer of retries (ours, with the policy above) is
 # enough and keeps the attempt count predictable.
 _STS_CONFIG = botocore.config.Config(
-    retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=10
+    retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=10
 )
 
 

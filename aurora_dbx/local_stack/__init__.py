@@ -13,7 +13,21 @@
 * a fake Databricks workspace answering SCIM ``Me`` (``stack.databricks_host``,
   ``stack.add_databricks_principal``).
 
-Requires root, PostgreSQL and MariaDB server binaries, gcc, libpam0g-dev and openssl.
+Requires root, PostgreSQL and MariaDB server binaries, gcc, libpam0g-dev, openssl and
+moto[server]. Clients log in as ``user=<db_user>``, ``password=<IAM token>`` minted for
+host ``localhost`` and the server's port, with TLS and host verification:
+
+* psycopg: ``host="localhost", sslmode="verify-full", sslrootcert=str(stack.ca_bundle)``;
+* PyMySQL: ``host="localhost", ssl={"ca": str(stack.ca_bundle), "check_hostname": True}``
+  (it answers the server's ``mysql_clear_password`` request by itself);
+* PostgreSQL JDBC: ``sslmode=verify-full&sslrootcert=<ca_bundle>``;
+* MariaDB Connector/J 2.7 (``org.mariadb.jdbc.Driver``, ``jdbc:mariadb:`` or
+  ``jdbc:mysql:``): ``useSsl=true&serverSslCert=<ca_bundle>`` (host name verification is
+  on by default; the driver refuses ``mysql_clear_password`` without TLS unless
+  ``useSsl=false`` is forced).
+
+A token minted for ``127.0.0.1`` is refused on a ``localhost`` server (``endpoint_mismatch``),
+as Aurora refuses a token minted for another endpoint.
 
 Example::
 

@@ -28,7 +28,8 @@ _MARKER = "# aurora_dbx.local_stack"
 
 def cache_dir() -> Path:
     """World-readable cache for built artefacts (``$AURORA_DBX_LOCAL_STACK_CACHE``)."""
-    path = Path(os.environ.get("AURORA_DBX_LOCAL_STACK_CACHE", "/var/tmp/aurora-dbx-local-stack"))
+    default = "/var/tmp/aurora-dbx-local-stack"  # noqa: S108 - shared with the server users
+    path = Path(os.environ.get("AURORA_DBX_LOCAL_STACK_CACHE", default))
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o755)
     return path
@@ -49,7 +50,7 @@ def build_pam_module(dest_dir: Path) -> Path:
         os.close(fd)
         try:
             run([gcc, "-shared", "-fPIC", "-O2", "-Wall", "-o", tmp, str(_SOURCE), "-lpam"])
-            os.chmod(tmp, 0o755)
+            os.chmod(tmp, 0o755)  # noqa: S103 - loaded by the postgres/mysql server users
             os.replace(tmp, cached)
         finally:
             if os.path.exists(tmp):
@@ -100,11 +101,11 @@ def remove_stale_pam_services() -> None:
         match = re.fullmatch(re.escape(_MARKER) + r" pid=(\d+) stack_dir=(.+)", first)
         if match is None:
             continue
-        if not _pid_alive(int(match.group(1))) or not Path(match.group(2)).exists():
+        if not pid_alive(int(match.group(1))) or not Path(match.group(2)).exists():
             remove_pam_service(path)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -86,10 +86,11 @@ def wait_until(
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if check():
-                return
+            ready = check()
         except Exception:  # noqa: BLE001 - readiness probes fail until ready
-            pass
+            ready = False
+        if ready:
+            return
         if alive is not None and not alive():
             detail = on_fail() if on_fail else ""
             raise LocalStackError(f"{what} exited during startup\n{detail}")

@@ -38,22 +38,65 @@ def make_certificates(directory: Path, *, days: int = 30) -> TestCertificates:
     ext = directory / "server.ext"
     curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     run(
-        [openssl, "req", "-x509", *curve, "-keyout", str(ca_key), "-out", str(ca_cert),
-         "-days", str(days), "-subj", "/O=aurora-dbx local stack/CN=aurora-dbx local stack test CA",
-         "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign"]
+        [
+            openssl,
+            "req",
+            "-x509",
+            *curve,
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca_cert),
+            "-days",
+            str(days),
+            "-subj",
+            "/O=aurora-dbx local stack/CN=aurora-dbx local stack test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]
     )
-    run([openssl, "req", *curve, "-keyout", str(key), "-out", str(csr),
-         "-subj", "/O=aurora-dbx local stack/CN=localhost"])
+    run(
+        [
+            openssl,
+            "req",
+            *curve,
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+            "-subj",
+            "/O=aurora-dbx local stack/CN=localhost",
+        ]
+    )
     ext.write_text(
         "basicConstraints=CA:FALSE\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\n"
         "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n"
     )
-    run([openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-         "-CAcreateserial", "-out", str(cert), "-days", str(days), "-sha256",
-         "-extfile", str(ext)])
+    run(
+        [
+            openssl,
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca_cert),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-out",
+            str(cert),
+            "-days",
+            str(days),
+            "-sha256",
+            "-extfile",
+            str(ext),
+        ]
+    )
     csr.unlink(missing_ok=True)
     ca_cert.chmod(0o644)
     cert.chmod(0o644)

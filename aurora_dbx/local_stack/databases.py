@@ -142,8 +142,14 @@ class PostgresServer(DatabaseServer):
     engine = "postgresql"
     os_user = "postgres"
 
-    def __init__(self, root: Path, port: int, pam_service: str, certs: TestCertificates,
-                 bin_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        pam_service: str,
+        certs: TestCertificates,
+        bin_dir: Path | None = None,
+    ) -> None:
         super().__init__(root, port, pam_service, certs)
         self.bin_dir = bin_dir or _find_pg_bin()
 
@@ -156,8 +162,20 @@ class PostgresServer(DatabaseServer):
         return self.root
 
     def init_command(self) -> list[str]:
-        return [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-A", "trust",
-                "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"]
+        return [
+            str(self.bin_dir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ]
 
     def prepare(self) -> None:
         svc = self.pam_service
@@ -169,7 +187,10 @@ class PostgresServer(DatabaseServer):
             f"host    all all 127.0.0.1/32   pam pamservice={svc}\n"
             f"host    all all ::1/128        pam pamservice={svc}\n"
         )
-        for src, name in ((self.certs.server_cert, "server.crt"), (self.certs.server_key, "server.key")):
+        for src, name in (
+            (self.certs.server_cert, "server.crt"),
+            (self.certs.server_key, "server.key"),
+        ):
             dest = self.data_dir / name
             shutil.copyfile(src, dest)
             dest.chmod(0o600)
@@ -196,8 +217,13 @@ class PostgresServer(DatabaseServer):
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
         return ManagedProcess(
-            "postgres", args, self.log_path, user=self.os_user,
-            stop_signal=signal.SIGINT, death_signal="QUIT", cwd=self.root,
+            "postgres",
+            args,
+            self.log_path,
+            user=self.os_user,
+            stop_signal=signal.SIGINT,
+            death_signal="QUIT",
+            cwd=self.root,
         )
 
     def _bootstrap_database(self) -> str:
@@ -206,8 +232,14 @@ class PostgresServer(DatabaseServer):
     def _connect_admin(self, database: str) -> Any:
         import psycopg
 
-        return psycopg.connect(host=str(self.socket_dir), port=self.port, user="postgres",
-                               dbname=database, autocommit=True, connect_timeout=5)
+        return psycopg.connect(
+            host=str(self.socket_dir),
+            port=self.port,
+            user="postgres",
+            dbname=database,
+            autocommit=True,
+            connect_timeout=5,
+        )
 
     def bootstrap(self) -> None:
         conn = self._connect_admin("postgres")
@@ -222,7 +254,9 @@ class PostgresServer(DatabaseServer):
         validate_identifier(db_user)
         conn = self.admin_connect()
         try:
-            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (db_user,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_roles WHERE rolname = %s", (db_user,)
+            ).fetchone()
             if exists is None:
                 conn.execute(f'CREATE ROLE "{db_user}" LOGIN')
             conn.execute(f'ALTER ROLE "{db_user}" LOGIN PASSWORD NULL')
@@ -237,8 +271,14 @@ class MariaDBServer(DatabaseServer):
     engine = "mysql"
     os_user = "mysql"
 
-    def __init__(self, root: Path, port: int, pam_service: str, certs: TestCertificates,
-                 mariadbd: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        pam_service: str,
+        certs: TestCertificates,
+        mariadbd: str | None = None,
+    ) -> None:
         super().__init__(root, port, pam_service, certs)
         self.mariadbd = mariadbd or _find_program("mariadbd", "mysqld", extra=("/usr/sbin",))
         self.plugin_dir = Path("/usr/lib/mysql/plugin")
@@ -259,13 +299,23 @@ class MariaDBServer(DatabaseServer):
 
     def init_command(self) -> list[str]:
         installer = _find_program("mariadb-install-db", "mysql_install_db", extra=("/usr/bin",))
-        return [installer, "--no-defaults", f"--datadir={self.data_dir}", f"--user={self.os_user}",
-                "--skip-test-db", "--auth-root-authentication-method=socket",
-                "--skip-name-resolve", *self._common_args()]
+        return [
+            installer,
+            "--no-defaults",
+            f"--datadir={self.data_dir}",
+            f"--user={self.os_user}",
+            "--skip-test-db",
+            "--auth-root-authentication-method=socket",
+            "--skip-name-resolve",
+            *self._common_args(),
+        ]
 
     def prepare(self) -> None:
-        for src, name in ((self.certs.server_cert, "server.pem"), (self.certs.server_key, "server.key"),
-                          (self.certs.ca_cert, "ca.pem")):
+        for src, name in (
+            (self.certs.server_cert, "server.pem"),
+            (self.certs.server_key, "server.key"),
+            (self.certs.ca_cert, "ca.pem"),
+        ):
             dest = self.root / name
             shutil.copyfile(src, dest)
             dest.chmod(0o600 if name.endswith(".key") else 0o644)
@@ -275,7 +325,8 @@ class MariaDBServer(DatabaseServer):
 
     def server_process(self) -> ManagedProcess:
         args = [
-            self.mariadbd, "--no-defaults",
+            self.mariadbd,
+            "--no-defaults",
             f"--datadir={self.data_dir}",
             f"--port={self.port}",
             "--bind-address=127.0.0.1",
@@ -300,8 +351,13 @@ class MariaDBServer(DatabaseServer):
             *self._common_args(),
         ]
         return ManagedProcess(
-            "mariadbd", args, self.root / "stdout.log", user=self.os_user,
-            stop_signal=signal.SIGTERM, death_signal="KILL", cwd=self.root,
+            "mariadbd",
+            args,
+            self.root / "stdout.log",
+            user=self.os_user,
+            stop_signal=signal.SIGTERM,
+            death_signal="KILL",
+            cwd=self.root,
         )
 
     def _bootstrap_database(self) -> str:
@@ -310,8 +366,13 @@ class MariaDBServer(DatabaseServer):
     def _connect_admin(self, database: str) -> Any:
         import pymysql
 
-        return pymysql.connect(unix_socket=str(self.socket_path), user="root", database=database,
-                               autocommit=True, connect_timeout=5)
+        return pymysql.connect(
+            unix_socket=str(self.socket_path),
+            user="root",
+            database=database,
+            autocommit=True,
+            connect_timeout=5,
+        )
 
     def bootstrap(self) -> None:
         conn = self._connect_admin("mysql")
@@ -334,7 +395,9 @@ class MariaDBServer(DatabaseServer):
                 "CREATE USER IF NOT EXISTS %s@'%%' IDENTIFIED VIA pam USING %s",
                 (db_user, self.pam_service),
             )
-            cur.execute("ALTER USER %s@'%%' IDENTIFIED VIA pam USING %s", (db_user, self.pam_service))
+            cur.execute(
+                "ALTER USER %s@'%%' IDENTIFIED VIA pam USING %s", (db_user, self.pam_service)
+            )
             cur.close()
         finally:
             conn.close()
@@ -345,8 +408,9 @@ def _find_pg_bin() -> Path:
     candidates = [Path(env)] if env else []
     base = Path("/usr/lib/postgresql")
     if base.is_dir():
-        versions = sorted((p for p in base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name),
-                          reverse=True)
+        versions = sorted(
+            (p for p in base.iterdir() if p.name.isdigit()), key=lambda p: int(p.name), reverse=True
+        )
         candidates += [v / "bin" for v in versions]
     for cand in candidates:
         if (cand / "postgres").exists() and (cand / "initdb").exists():
@@ -367,4 +431,3 @@ def _find_program(*names: str, extra: tuple[str, ...] = ()) -> str:
             if cand.exists():
                 return str(cand)
     raise LocalStackError(f"none of {', '.join(names)} found")
-

@@ -102,7 +102,8 @@ class FakeDatabricksWorkspace:
         if self._server is None:
             raise RuntimeError("fake Databricks workspace is not running")
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        host_text = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://{host_text}:{port}"
 
     def add_principal(
         self,
@@ -130,13 +131,19 @@ class FakeDatabricksWorkspace:
                 app_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "databricks-sp:" + user_name))
                 name = display_name or user_name
             principal = DatabricksPrincipal(
-                kind=kind, user_name=app_id, display_name=name, groups=list(groups or []),
+                kind=kind,
+                user_name=app_id,
+                display_name=name,
+                groups=list(groups or []),
                 id=_stable_id("sp:" + app_id),
             )
         else:
             principal = DatabricksPrincipal(
-                kind=kind, user_name=user_name, display_name=display_name or user_name.split("@")[0],
-                groups=list(groups or []), id=_stable_id("user:" + user_name),
+                kind=kind,
+                user_name=user_name,
+                display_name=display_name or user_name.split("@")[0],
+                groups=list(groups or []),
+                id=_stable_id("user:" + user_name),
             )
         with self._lock:
             self._principals[token] = principal
@@ -179,25 +186,42 @@ class FakeDatabricksWorkspace:
                 if workspace.delay_seconds > 0:
                     time.sleep(workspace.delay_seconds)
                 if workspace.down:
-                    self._send(503, {"error_code": "TEMPORARILY_UNAVAILABLE",
-                                     "message": "The service at /api/2.0 is temporarily unavailable."})
+                    self._send(
+                        503,
+                        {
+                            "error_code": "TEMPORARILY_UNAVAILABLE",
+                            "message": "The service at /api/2.0 is temporarily unavailable.",
+                        },
+                    )
                     return
                 if self.command == "GET" and path == "/.well-known/databricks-config":
-                    self._send(200, {"oidc_endpoint": f"{workspace.url}/oidc",
-                                     "workspace_id": workspace.workspace_id, "cloud": "aws"})
+                    self._send(
+                        200,
+                        {
+                            "oidc_endpoint": f"{workspace.url}/oidc",
+                            "workspace_id": workspace.workspace_id,
+                            "cloud": "aws",
+                        },
+                    )
                     return
                 auth = self.headers.get("Authorization", "")
                 token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
                 principal = workspace.principal_for(token) if token else None
                 if principal is None:
-                    self._send(401, {"error_code": "UNAUTHENTICATED",
-                                     "message": "Invalid access token."})
+                    self._send(
+                        401, {"error_code": "UNAUTHENTICATED", "message": "Invalid access token."}
+                    )
                     return
                 if self.command == "GET" and path.rstrip("/") == "/api/2.0/preview/scim/v2/Me":
                     self._send(200, principal.scim())
                     return
-                self._send(404, {"error_code": "ENDPOINT_NOT_FOUND",
-                                 "message": f"No API found for '{self.command} {path}'"})
+                self._send(
+                    404,
+                    {
+                        "error_code": "ENDPOINT_NOT_FOUND",
+                        "message": f"No API found for '{self.command} {path}'",
+                    },
+                )
 
             do_GET = _handle
             do_POST = _handle

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -43,6 +45,28 @@ _JDBC_JARS = {
     "postgresql": ("/usr/share/java/postgresql.jar",),
     "mysql": ("/usr/share/java/mariadb-java-client.jar",),
 }
+
+
+_log = logging.getLogger(__name__)
+_TEMP_ROOT = "/tmp"  # noqa: S108 - must be reachable by the postgres/mysql OS users
+_TEMP_PREFIX = "aurora-dbx-stack-"
+_OWNER_FILE = "owner.pid"
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback http URL
+        return bool(resp.status == 200)
+
+
+def _remove_stale_temp_dirs() -> None:
+    """Remove temporary stack directories whose owning process died without stop()."""
+    for path in Path(_TEMP_ROOT).glob(_TEMP_PREFIX + "*"):
+        try:
+            pid = int((path / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _pam.pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class LocalStack:
@@ -88,7 +112,7 @@ class LocalStack:
         self._databricks: FakeDatabricksWorkspace | None = None
         self._databases: dict[str, DatabaseServer] = {}
         self._pam_files: list[Path] = []
-        self._finalizer: weakref.finalize | None = None
+        self._at_exit: functools.partial[None] | None = None
 
     # --------------------------------------------------------------- lifecycle
     def __enter__(self) -> LocalStack:
@@ -120,8 +144,9 @@ class LocalStack:
                 self.stop()
                 raise
             self._started = True
-            self._finalizer = weakref.finalize(self, LocalStack._atexit_stop, weakref.ref(self))
-            atexit.register(self._finalizer)
+            # stop at interpreter exit if the caller forgot (holds only a weak reference)
+            self._at_exit = functools.partial(LocalStack._atexit_stop, weakref.ref(self))
+            atexit.register(self._at_exit)
             return self
 
     @staticmethod
@@ -153,8 +178,12 @@ class LocalStack:
         for engine in self.engines:
             db = self._new_server(engine, stack_dir)
             db.make_root()
-            init = ManagedProcess(f"{engine}-init", db.init_command(), db.root / "init.log",
-                                  user=db.os_user if engine == "postgresql" else None)
+            init = ManagedProcess(
+                f"{engine}-init",
+                db.init_command(),
+                db.root / "init.log",
+                user=db.os_user if engine == "postgresql" else None,
+            )
             init.start()
             pending.append((db, init))
             self._databases[engine] = db
@@ -163,14 +192,21 @@ class LocalStack:
         module = _pam.build_pam_module(stack_dir)
         sock = stack_dir / "verifier.sock"
         if len(str(sock)) > 100:
-            sock = Path(tempfile.mkdtemp(prefix="adbx-", dir="/tmp")) / "verifier.sock"
+            sock = Path(tempfile.mkdtemp(prefix="adbx-", dir=_TEMP_ROOT)) / "verifier.sock"
             sock.parent.chmod(0o755)
-        self._verifier = TokenVerifier(self.sts_endpoint, stack_dir / "verifier.log", region=self.region)
+        self._verifier = TokenVerifier(
+            self.sts_endpoint, stack_dir / "verifier.log", region=self.region
+        )
         self._verifier.serve(sock)
         for db in self._databases.values():
             self._pam_files.append(
-                _pam.write_pam_service(db.pam_service, module=module, socket_path=sock,
-                                       endpoint=db.endpoint, stack_dir=stack_dir)
+                _pam.write_pam_service(
+                    db.pam_service,
+                    module=module,
+                    socket_path=sock,
+                    endpoint=db.endpoint,
+                    stack_dir=stack_dir,
+                )
             )
 
         # 4. servers
@@ -182,7 +218,9 @@ class LocalStack:
             finally:
                 init.stop()
             if code != 0:
-                raise LocalStackError(f"{db.engine} initialisation failed:\n{tail(db.root / 'init.log')}")
+                raise LocalStackError(
+                    f"{db.engine} initialisation failed:\n{tail(db.root / 'init.log')}"
+                )
             db.prepare()
             db.start_process()
 
@@ -193,8 +231,10 @@ class LocalStack:
         # 6. wait for readiness
         moto = self._moto
         wait_until(
-            lambda: urllib.request.urlopen(self.sts_endpoint + "/moto-api/data.json", timeout=2).status == 200,
-            timeout=timeout, what="moto server", alive=moto.alive,
+            lambda: _http_ok(self.sts_endpoint + "/moto-api/data.json"),
+            timeout=timeout,
+            what="moto server",
+            alive=moto.alive,
             on_fail=lambda: tail(stack_dir / "moto.log"),
         )
         for db in self._databases.values():
@@ -203,7 +243,9 @@ class LocalStack:
 
     def _make_dir(self) -> Path:
         if self._base_dir is None:
-            path = Path(tempfile.mkdtemp(prefix="aurora-dbx-stack-", dir="/tmp"))
+            _remove_stale_temp_dirs()
+            path = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=_TEMP_ROOT))
+            (path / _OWNER_FILE).write_text(str(os.getpid()))
             self._owns_dir = True
         else:
             path = self._base_dir.resolve()
@@ -238,7 +280,7 @@ class LocalStack:
                 try:
                     db.stop()
                 except Exception:  # noqa: BLE001 - keep stopping the rest
-                    pass
+                    _log.warning("could not stop %s server cleanly", db.engine, exc_info=True)
             self._databases.clear()
             if self._moto is not None:
                 self._moto.stop()
@@ -257,10 +299,9 @@ class LocalStack:
             if self._owns_dir and self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
             self._started = False
-            if self._finalizer is not None:
-                atexit.unregister(self._finalizer)
-                self._finalizer.detach()
-                self._finalizer = None
+            if self._at_exit is not None:
+                atexit.unregister(self._at_exit)
+                self._at_exit = None
 
     # ------------------------------------------------------------- accessors
     def _require(self) -> None:
@@ -426,4 +467,3 @@ class LocalStack:
     def __repr__(self) -> str:
         state = "running" if self._started else "stopped"
         return f"LocalStack({state}, dir={self._dir}, engines={list(self.engines)})"
-

@@ -197,7 +197,9 @@ class TokenVerifier:
     def refusals(self, db_user: str | None = None) -> list[VerificationEvent]:
         """Refused attempts so far, optionally only those for ``db_user``."""
         with self._lock:
-            return [e for e in self.events if not e.ok and (db_user is None or e.db_user == db_user)]
+            return [
+                e for e in self.events if not e.ok and (db_user is None or e.db_user == db_user)
+            ]
 
     def last_event(self, db_user: str | None = None) -> VerificationEvent | None:
         with self._lock:
@@ -283,12 +285,16 @@ class TokenVerifier:
         if missing:
             return Verdict(False, "malformed", f"missing parameters: {', '.join(missing)}")
         if host_port.lower() != endpoint.lower():
-            return Verdict(False, "endpoint_mismatch", f"token is for {host_port!r}, server is {endpoint!r}")
+            return Verdict(
+                False, "endpoint_mismatch", f"token is for {host_port!r}, server is {endpoint!r}"
+            )
         if params["Action"] != "connect":
             return Verdict(False, "wrong_action", f"Action={params['Action']!r}")
         if params["DBUser"] != db_user:
             return Verdict(
-                False, "db_user_mismatch", f"token DBUser={params['DBUser']!r}, login user={db_user!r}"
+                False,
+                "db_user_mismatch",
+                f"token DBUser={params['DBUser']!r}, login user={db_user!r}",
             )
         if params["X-Amz-Algorithm"] != "AWS4-HMAC-SHA256":
             return Verdict(False, "wrong_algorithm", params["X-Amz-Algorithm"][:40])
@@ -299,10 +305,14 @@ class TokenVerifier:
         if scope_service != "rds-db":
             return Verdict(False, "wrong_service", f"service={scope_service!r}")
         if scope_region != self.region:
-            return Verdict(False, "wrong_region", f"region={scope_region!r}, expected {self.region!r}")
+            return Verdict(
+                False, "wrong_region", f"region={scope_region!r}, expected {self.region!r}"
+            )
         signed_headers = params["X-Amz-SignedHeaders"].lower().split(";")
         if "host" not in signed_headers or signed_headers != ["host"]:
-            return Verdict(False, "unsigned_host_missing", f"SignedHeaders={params['X-Amz-SignedHeaders']!r}")
+            return Verdict(
+                False, "unsigned_host_missing", f"SignedHeaders={params['X-Amz-SignedHeaders']!r}"
+            )
         amz_date = params["X-Amz-Date"]
         try:
             issued = _parse_amz_date(amz_date)
@@ -323,14 +333,23 @@ class TokenVerifier:
 
         cred = self._lookup(access_key_id)
         if cred is None:
-            return Verdict(False, "unknown_access_key", f"access key {access_key_id} was not issued by STS",
-                           access_key_id=access_key_id)
+            return Verdict(
+                False,
+                "unknown_access_key",
+                f"access key {access_key_id} was not issued by STS",
+                access_key_id=access_key_id,
+            )
         presented_session = params.get("X-Amz-Security-Token")
         if cred.session_token is not None and not hmac.compare_digest(
             (presented_session or "").encode(), cred.session_token.encode()
         ):
-            return Verdict(False, "security_token_mismatch", "X-Amz-Security-Token is not the session's",
-                           role_arn=cred.role_arn, access_key_id=access_key_id)
+            return Verdict(
+                False,
+                "security_token_mismatch",
+                "X-Amz-Security-Token is not the session's",
+                role_arn=cred.role_arn,
+                access_key_id=access_key_id,
+            )
 
         canonical_query = "&".join(
             f"{_uri_encode(k)}={_uri_encode(v)}"
@@ -349,14 +368,19 @@ class TokenVerifier:
                 hashlib.sha256(canonical_request.encode("utf-8")).hexdigest(),
             ]
         )
-        key = _hmac(("AWS4" + cred.secret_access_key).encode("utf-8"), scope_date)
-        key = _hmac(key, scope_region)
-        key = _hmac(key, scope_service)
-        key = _hmac(key, "aws4_request")
-        expected = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+        signing_key = _hmac(("AWS4" + cred.secret_access_key).encode("utf-8"), scope_date)
+        signing_key = _hmac(signing_key, scope_region)
+        signing_key = _hmac(signing_key, scope_service)
+        signing_key = _hmac(signing_key, "aws4_request")
+        expected = hmac.new(signing_key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, params["X-Amz-Signature"]):
-            return Verdict(False, "signature_mismatch", "signature does not match",
-                           role_arn=cred.role_arn, access_key_id=access_key_id)
+            return Verdict(
+                False,
+                "signature_mismatch",
+                "signature does not match",
+                role_arn=cred.role_arn,
+                access_key_id=access_key_id,
+            )
         if cred.role_arn is None or not self.is_allowed(cred.role_arn, db_user, endpoint):
             return Verdict(
                 False,
@@ -365,8 +389,9 @@ class TokenVerifier:
                 role_arn=cred.role_arn,
                 access_key_id=access_key_id,
             )
-        return Verdict(True, "ok", f"token age {age:.0f}s", role_arn=cred.role_arn,
-                       access_key_id=access_key_id)
+        return Verdict(
+            True, "ok", f"token age {age:.0f}s", role_arn=cred.role_arn, access_key_id=access_key_id
+        )
 
     def _record(self, endpoint: str, db_user: str, token: str, verdict: Verdict) -> None:
         event = VerificationEvent(
@@ -426,7 +451,7 @@ class TokenVerifier:
             daemon_threads = True
 
         self._server = Server(str(socket_path), Handler)
-        os.chmod(socket_path, 0o666)
+        os.chmod(socket_path, 0o666)  # noqa: S103 - PAM runs as the postgres/mysql users
         self.socket_path = socket_path
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="aurora-iam-verifier", daemon=True

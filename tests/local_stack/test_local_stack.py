@@ -64,12 +64,23 @@ def connect(stack: LocalStack, db: DatabaseServer, user: str, password: str) -> 
     """Connect like aurora_dbx clients do: TLS with CA and host name verification."""
     if db.engine == "postgresql":
         return psycopg.connect(
-            host="localhost", port=db.port, user=user, password=password, dbname=db.database,
-            sslmode="verify-full", sslrootcert=str(stack.ca_bundle), connect_timeout=10,
+            host="localhost",
+            port=db.port,
+            user=user,
+            password=password,
+            dbname=db.database,
+            sslmode="verify-full",
+            sslrootcert=str(stack.ca_bundle),
+            connect_timeout=10,
         )
     return pymysql.connect(
-        host="localhost", port=db.port, user=user, password=password, database=db.database,
-        ssl={"ca": str(stack.ca_bundle), "check_hostname": True}, connect_timeout=10,
+        host="localhost",
+        port=db.port,
+        user=user,
+        password=password,
+        database=db.database,
+        ssl={"ca": str(stack.ca_bundle), "check_hostname": True},
+        connect_timeout=10,
     )
 
 
@@ -81,7 +92,9 @@ def query(conn: Any, sql: str) -> list[tuple[Any, ...]]:
     return rows
 
 
-def assert_refused(stack: LocalStack, db: DatabaseServer, user: str, token: str, reason: str) -> None:
+def assert_refused(
+    stack: LocalStack, db: DatabaseServer, user: str, token: str, reason: str
+) -> None:
     """The login fails with Aurora's own message, and the verifier logged ``reason``."""
     if db.engine == "postgresql":
         with pytest.raises(psycopg.OperationalError) as info:
@@ -144,7 +157,10 @@ def test_postgres_valid_token_connects_with_verify_full(world: World) -> None:
     with connect(stack, stack.postgres, "app_ro", token) as conn:
         assert query(conn, "SELECT current_user") == [("app_ro",)]
         assert query(conn, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == [(True,)]
-        assert query(conn, "SELECT name FROM public.customers ORDER BY id") == [("ada",), ("grace",)]
+        assert query(conn, "SELECT name FROM public.customers ORDER BY id") == [
+            ("ada",),
+            ("grace",),
+        ]
     event = stack.verifier.last_event("app_ro")
     assert event is not None and event.ok and event.role_arn == world.reader.role_arn
 
@@ -250,8 +266,11 @@ def test_token_signed_with_credentials_sts_never_issued_is_refused(world: World)
     stack = world.stack
     forged = Session(
         role_arn="n/a",
-        credentials={"AccessKeyId": "ASIAFORGEDFORGED0000", "SecretAccessKey": "x" * 40,
-                     "SessionToken": "forged"},
+        credentials={
+            "AccessKeyId": "ASIAFORGEDFORGED0000",
+            "SecretAccessKey": "x" * 40,
+            "SessionToken": "forged",
+        },
     )
     token = forged.token(stack.postgres, "app_ro")
     assert_refused(stack, stack.postgres, "app_ro", token, "unknown_access_key")
@@ -294,7 +313,13 @@ def test_verifier_log_explains_refusals_without_secrets(world: World) -> None:
     lines = (stack.dir / "verifier.log").read_text().splitlines()
     events = [json.loads(line) for line in lines]
     reasons = {e["reason"] for e in events}
-    assert {"ok", "expired", "signature_mismatch", "db_user_mismatch", "role_not_allowed"} <= reasons
+    assert {
+        "ok",
+        "expired",
+        "signature_mismatch",
+        "db_user_mismatch",
+        "role_not_allowed",
+    } <= reasons
     text = "\n".join(lines)
     signature = token.rsplit("X-Amz-Signature=", 1)[1]
     for secret in (
@@ -312,8 +337,14 @@ def test_environ_routes_the_real_boto3_path_to_the_local_sts(
     stack: LocalStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = stack.environ()
-    for key in ("AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL_IAM", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "DATABRICKS_HOST"):
+    for key in (
+        "AWS_ENDPOINT_URL_STS",
+        "AWS_ENDPOINT_URL_IAM",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "DATABRICKS_HOST",
+    ):
         assert env[key]
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(key, raising=False)
@@ -326,14 +357,32 @@ def test_environ_routes_the_real_boto3_path_to_the_local_sts(
 
 
 # ------------------------------------------------------ Databricks SCIM Me
-def test_scim_me_for_a_user_through_the_databricks_sdk(stack: LocalStack) -> None:
+def _me_request(stack: LocalStack, token: str) -> urllib.request.Request:
+    return urllib.request.Request(  # noqa: S310 - loopback http URL
+        stack.databricks_host + "/api/2.0/preview/scim/v2/Me",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
+def _open(request: urllib.request.Request) -> Any:
+    return urllib.request.urlopen(request, timeout=5)  # noqa: S310 - loopback http URL
+
+
+def _me(stack: LocalStack, token: str) -> Any:
     from databricks.sdk import WorkspaceClient
 
+    return WorkspaceClient(host=stack.databricks_host, token=token).current_user.me()
+
+
+def test_scim_me_for_a_user_through_the_databricks_sdk(stack: LocalStack) -> None:
     stack.add_databricks_principal(
-        "dapi-alice", user_name="alice@example.com", kind="user",
-        groups=["data-scientists", "users"], display_name="Alice Doe",
+        "dapi-alice",
+        user_name="alice@example.com",
+        kind="user",
+        groups=["data-scientists", "users"],
+        display_name="Alice Doe",
     )
-    me = WorkspaceClient(host=stack.databricks_host, token="dapi-alice").current_user.me()
+    me = _me(stack, "dapi-alice")
     assert me.user_name == "alice@example.com"
     assert me.display_name == "Alice Doe"
     assert [g.display for g in me.groups or []] == ["data-scientists", "users"]
@@ -341,51 +390,45 @@ def test_scim_me_for_a_user_through_the_databricks_sdk(stack: LocalStack) -> Non
 
 
 def test_scim_me_for_a_service_principal_through_the_databricks_sdk(stack: LocalStack) -> None:
-    from databricks.sdk import WorkspaceClient
-
     app_id = "6f1c2b1e-8d0a-4c77-9a8b-1f2e3d4c5b6a"
     stack.add_databricks_principal(
-        "dapi-scorer", user_name=app_id, kind="service_principal",
-        groups=["jobs"], display_name="nightly-scorer",
+        "dapi-scorer",
+        user_name=app_id,
+        kind="service_principal",
+        groups=["jobs"],
+        display_name="nightly-scorer",
     )
-    me = WorkspaceClient(host=stack.databricks_host, token="dapi-scorer").current_user.me()
+    me = _me(stack, "dapi-scorer")
     assert me.user_name == app_id
     assert me.display_name == "nightly-scorer"
     assert [g.display for g in me.groups or []] == ["jobs"]
 
 
 def test_scim_me_refuses_unknown_tokens_like_the_workspace(stack: LocalStack) -> None:
-    from databricks.sdk import WorkspaceClient
     from databricks.sdk.errors import Unauthenticated
 
     with pytest.raises(Unauthenticated):
-        WorkspaceClient(host=stack.databricks_host, token="dapi-nobody").current_user.me()
-    request = urllib.request.Request(
-        stack.databricks_host + "/api/2.0/preview/scim/v2/Me",
-        headers={"Authorization": "Bearer dapi-nobody"},
-    )
+        _me(stack, "dapi-nobody")
+    request = _me_request(stack, "dapi-nobody")
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(request, timeout=5)
+        _open(request)
     assert info.value.code == 401
     assert json.loads(info.value.read())["error_code"] == "UNAUTHENTICATED"
 
 
 def test_workspace_faults_can_be_injected(stack: LocalStack) -> None:
     stack.add_databricks_principal("dapi-faults", user_name="f@example.com", groups=[])
-    request = urllib.request.Request(
-        stack.databricks_host + "/api/2.0/preview/scim/v2/Me",
-        headers={"Authorization": "Bearer dapi-faults"},
-    )
+    request = _me_request(stack, "dapi-faults")
     try:
         stack.databricks_delay_seconds = 0.5
         started = time.monotonic()
-        with urllib.request.urlopen(request, timeout=5) as resp:
+        with _open(request) as resp:
             assert resp.status == 200
         assert time.monotonic() - started >= 0.5
         stack.databricks_delay_seconds = 0
         stack.databricks_down = True
         with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(request, timeout=5)
+            _open(request)
         assert info.value.code == 503
         assert json.loads(info.value.read())["error_code"] == "TEMPORARILY_UNAVAILABLE"
     finally:
@@ -402,7 +445,10 @@ public class JdbcLogin {
     Properties p = new Properties();
     p.setProperty("user", a[1]);
     p.setProperty("password", System.getenv("DB_TOKEN"));
-    for (int i = 2; i < a.length; i++) { String[] kv = a[i].split("=", 2); p.setProperty(kv[0], kv[1]); }
+    for (int i = 2; i < a.length; i++) {
+      String[] kv = a[i].split("=", 2);
+      p.setProperty(kv[0], kv[1]);
+    }
     try (Connection c = DriverManager.getConnection(a[0], p);
          ResultSet rs = c.createStatement().executeQuery("SELECT count(*) FROM customers")) {
       rs.next(); System.out.println("ROWS " + rs.getInt(1));
@@ -427,11 +473,16 @@ def jdbc_login(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def jdbc_options(stack: LocalStack, db: DatabaseServer) -> tuple[str, list[str]]:
     ca = str(stack.ca_bundle)
     if db.engine == "postgresql":
-        return (f"jdbc:postgresql://localhost:{db.port}/{db.database}",
-                ["sslmode=verify-full", f"sslrootcert={ca}"])
+        return (
+            f"jdbc:postgresql://localhost:{db.port}/{db.database}",
+            ["sslmode=verify-full", f"sslrootcert={ca}"],
+        )
     # MariaDB Connector/J 2.7: TLS with the CA (host name verification is on by default);
     # it refuses mysql_clear_password without TLS
-    return (f"jdbc:mariadb://localhost:{db.port}/{db.database}", ["useSsl=true", f"serverSslCert={ca}"])
+    return (
+        f"jdbc:mariadb://localhost:{db.port}/{db.database}",
+        ["useSsl=true", f"serverSslCert={ca}"],
+    )
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -444,7 +495,10 @@ def test_jdbc_driver_logs_in_with_a_token(world: World, jdbc_login: Path, engine
     def run_java(token: str) -> str:
         out = subprocess.run(
             ["java", "-cp", classpath, "JdbcLogin", url, "app_ro", *options],
-            env={**os.environ, "DB_TOKEN": token}, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "DB_TOKEN": token},
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         return out.stdout + out.stderr
 

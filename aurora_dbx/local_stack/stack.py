@@ -167,7 +167,6 @@ class LocalStack:
             "moto",
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._moto_port)],
             stack_dir / "moto.log",
-            env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "false"},
         )
         self._moto.start()
 
@@ -249,6 +248,12 @@ class LocalStack:
             self._owns_dir = True
         else:
             path = self._base_dir.resolve()
+            for parent in path.parents:
+                if parent.exists() and not os.stat(parent).st_mode & 0o001:
+                    raise LocalStackError(
+                        f"{parent} is not traversable by other users; the postgres and mysql "
+                        "server users need to reach the stack directory (use one under /tmp)"
+                    )
             path.mkdir(parents=True, exist_ok=True)
             for child in ("postgresql", "mysql", "tls"):
                 shutil.rmtree(path / child, ignore_errors=True)
@@ -256,12 +261,6 @@ class LocalStack:
                 (path / child).unlink(missing_ok=True)
             self._owns_dir = False
         path.chmod(0o755)
-        for parent in path.parents:
-            if not os.stat(parent).st_mode & 0o001:
-                raise LocalStackError(
-                    f"{parent} is not traversable by other users; the postgres and mysql server "
-                    "users need to reach the stack directory (use a directory under /tmp)"
-                )
         self._dir = path
         return path
 

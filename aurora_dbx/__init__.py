@@ -24,7 +24,8 @@ from .errors import (
     PolicyError,
 )
 from .identity import Principal
-from .policy import Access, Policy, load_policy
+from .policy import Access, load_policy
+from .spark_io import read_table, write_table
 
 __all__ = [
     "AccessDenied",
@@ -39,7 +40,9 @@ __all__ = [
     "connect",
     "errors",
     "load_policy",
+    "read_table",
     "whoami",
+    "write_table",
 ]
 
 __version__ = "0.1.0"

@@ -161,8 +161,10 @@ class Context:
 
     def token_source(self, role: Role) -> TokenSource:
         """Fresh-or-cached tokens for ``role``'s database user, from its live role session."""
+        # Look the session up on every call: past max_age_hours the cache replaces it.
         return session_tokens(
-            self.role_session(role).credentials, self.tokens, self.policy.clusters[role.cluster], role.db_user
+            lambda: self.role_session(role).credentials(), self.tokens,
+            self.policy.clusters[role.cluster], role.db_user,
         )
 
     def open(self, role: Role, *, read_only: bool, extra_tags: Mapping[str, str | None] | None = None) -> Any:

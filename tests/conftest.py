@@ -105,6 +105,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         pg.execute_admin("GRANT USAGE ON SCHEMA public, features TO analyst_ro, pipeline_rw")
         pg.execute_admin("GRANT SELECT ON public.customers, features.customer_ltv TO analyst_ro")
         pg.execute_admin("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA features TO pipeline_rw")
+        pg.execute_admin("GRANT CREATE ON SCHEMA features TO pipeline_rw")
         my.create_iam_user("orders_ro")
         my.execute_admin(f"CREATE TABLE IF NOT EXISTS `{my.database}`.`orders` (id BIGINT PRIMARY KEY, total DECIMAL(12,2))")
         my.execute_admin(f"INSERT IGNORE INTO `{my.database}`.`orders` VALUES (1, 10.50), (2, 99.99)")
@@ -150,3 +151,30 @@ def env(world: World, monkeypatch: pytest.MonkeyPatch):
     import aurora_dbx.context
 
     aurora_dbx.context.reset()
+
+
+@pytest.fixture(scope="session")
+def spark(world: World):
+    """One local Spark session for the run, with the Debian JDBC drivers.
+
+    ``local[2,4]``: two cores, and a failed task is retried (up to 4 attempts) as on a
+    cluster, so retry behaviour is exercised for real.
+    """
+    import sys
+
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = (
+        SparkSession.builder.master("local[2,4]")
+        .appName("aurora-dbx-tests")
+        .config("spark.jars", ",".join(world.stack.jdbc_jars()))
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.memory", "2g")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    yield spark
+    spark.stop()

@@ -68,7 +68,11 @@ class AuditEvent:
     cluster: str | None = None
     table: str | None = None
     reason: str | None = None
-    time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+    time: str = field(
+        default_factory=lambda: (
+            datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        )
+    )
     role: str | None = None
     project: str | None = None
     sts_request_id: str | None = None
@@ -82,7 +86,11 @@ class AuditEvent:
     mlflow_run_id: str | None = None
 
     def to_json(self) -> str:
-        data = {k: (scrub(v) if isinstance(v, str) else v) for k, v in asdict(self).items() if v is not None}
+        data = {
+            k: (scrub(v) if isinstance(v, str) else v)
+            for k, v in asdict(self).items()
+            if v is not None
+        }
         return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
 
@@ -189,9 +197,13 @@ class TableSink:
                 except Exception as e:  # noqa: BLE001 - no schema evolution here
                     if not self._warned:
                         self._warned = True
-                        log.warning("audit table %s lacks columns %s and cannot add them (%s); "
-                                    "writing the other fields", self.table, ", ".join(extra),
-                                    type(e).__name__)
+                        log.warning(
+                            "audit table %s lacks columns %s and cannot add them (%s); "
+                            "writing the other fields",
+                            self.table,
+                            ", ".join(extra),
+                            type(e).__name__,
+                        )
             if extra:
                 row = {k: v for k, v in row.items() if k not in extra}
             self._append(spark, row, merge=False)
@@ -216,7 +228,9 @@ def sink_for(spec: str, spark: Any = None) -> Sink:
         return JsonlSink(spec[len("jsonl:") :])
     if spec.startswith("table:"):
         return TableSink(spec[len("table:") :], spark)
-    raise AuditError(f"unknown audit sink {spec!r}; use log, jsonl:<path> or table:<catalog.schema.table>")
+    raise AuditError(
+        f"unknown audit sink {spec!r}; use log, jsonl:<path> or table:<catalog.schema.table>"
+    )
 
 
 class Auditor:
@@ -241,8 +255,12 @@ class Auditor:
             with self._lock:
                 first, self._warned = not self._warned, True
             if first:
-                log.warning("audit events cannot be written to %r (%s); continuing because the "
-                            "policy is not fail-closed", self.sink, reason)
+                log.warning(
+                    "audit events cannot be written to %r (%s); continuing because the "
+                    "policy is not fail-closed",
+                    self.sink,
+                    reason,
+                )
 
 
 def read_events(path: str) -> Iterator[dict[str, Any]]:
@@ -260,12 +278,14 @@ def read_events(path: str) -> Iterator[dict[str, Any]]:
         return
 
 
-def read_table_events(spark: Any, table: str, *, limit: int | None = None,
-                      **filters: Any) -> list[dict[str, Any]]:
-    """Events of a ``table:`` sink, oldest first, filtered in Spark (then as in filter_events)."""
+def read_table_events(
+    spark: Any, sink_table: str, /, *, limit: int | None = None, **filters: Any
+) -> list[dict[str, Any]]:
+    """Events of a ``table:`` sink, oldest first: the ``limit`` most recent matching ``filters``
+    (the keyword arguments of :func:`filter_events`), filtered in Spark first."""
     from pyspark.sql import functions as F
 
-    df = spark.table(_quote_table(table))
+    df = spark.table(_quote_table(sink_table))
     cols = set(df.columns)
     if filters.get("principal") and "principal" in cols:
         df = df.where(F.col("principal") == filters["principal"])
@@ -304,8 +324,13 @@ def _event_time(e: dict[str, Any]) -> datetime | None:
 
 
 def filter_events(
-    events: Iterable[dict[str, Any]], *, principal: str | None = None, role: str | None = None,
-    table: str | None = None, since: datetime | None = None, event: str | None = None,
+    events: Iterable[dict[str, Any]],
+    *,
+    principal: str | None = None,
+    role: str | None = None,
+    table: str | None = None,
+    since: datetime | None = None,
+    event: str | None = None,
     outcome: str | None = None,
 ) -> list[dict[str, Any]]:
     """Events matching every given filter; ``role`` matches the role name or its ARN."""

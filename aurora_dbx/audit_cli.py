@@ -41,9 +41,11 @@ def _load_policy(path: str | None) -> Any:
     if not source:
         from .errors import PolicyError
 
-        raise PolicyError("no access policy given: pass --policy PATH, set AURORA_DBX_POLICY "
-                          "or the Spark conf spark.aurora_dbx.policy",
-                          source="<none>")
+        raise PolicyError(
+            "no access policy given: pass --policy PATH, set AURORA_DBX_POLICY "
+            "or the Spark conf spark.aurora_dbx.policy",
+            source="<none>",
+        )
     return load_policy(source)
 
 
@@ -66,8 +68,8 @@ def _cell(e: dict[str, Any], column: str) -> str:
 def format_table(events: list[dict[str, Any]]) -> str:
     rows = [[_cell(e, c) for c in COLUMNS] for e in events]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
@@ -80,24 +82,32 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return _fail(str(e), 2)
     if args.limit < 0:
         return _fail("--limit must be 0 (all) or more", 2)
-    filters = {"principal": args.principal, "role": args.role, "table": args.table,
-               "event": args.event, "outcome": args.outcome, "since": since}
+    filters = {
+        "principal": args.principal,
+        "role": args.role,
+        "table": args.table,
+        "event": args.event,
+        "outcome": args.outcome,
+        "since": since,
+    }
     if sink == "log":
         return _fail(
             f"the audit sink of {policy.source} is 'log': events went to the aurora_dbx.audit "
             "logger and cannot be read back; use jsonl:<path> or table:<catalog.schema.table>"
         )
     if sink.startswith("jsonl:"):
-        path = sink[len("jsonl:"):]
+        path = sink[len("jsonl:") :]
         if not os.path.exists(path):
             print(f"aurora-dbx: no audit events yet ({path} does not exist)", file=sys.stderr)
         events = recent(filter_events(read_events(path), **filters), args.limit)
     elif sink.startswith("table:"):
-        table = sink[len("table:"):]
+        table = sink[len("table:") :]
         spark = _active_spark()
         if spark is None:
-            return _fail(f"the audit sink is table:{table}; reading it needs an active Spark "
-                         "session (run this in a notebook: aurora_dbx.cli.main(['audit']))")
+            return _fail(
+                f"the audit sink is table:{table}; reading it needs an active Spark "
+                "session (run this in a notebook: aurora_dbx.cli.main(['audit']))"
+            )
         try:
             events = read_table_events(spark, table, limit=args.limit, **filters)
         except Exception as e:  # noqa: BLE001 - one line, not a Java stack trace
@@ -122,4 +132,6 @@ def register(add: Any) -> None:
     p.add_argument("--event", help="only this event (assume_role, read, write, denied, connect)")
     p.add_argument("--outcome", choices=("ok", "denied", "error"), help="only this outcome")
     p.add_argument("--since", help="only events at or after this time: ISO-8601 or 30m, 24h, 7d")
-    p.add_argument("--limit", type=int, default=50, help="the N most recent events (0: all; default 50)")
+    p.add_argument(
+        "--limit", type=int, default=50, help="the N most recent events (0: all; default 50)"
+    )

@@ -9,6 +9,7 @@ builds one from ``AURORA_DBX_POLICY`` or the Spark conf ``spark.aurora_dbx.polic
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -191,10 +192,11 @@ class Context:
 
 
 def _active_mlflow_run_id() -> str | None:
-    try:
-        import mlflow
-    except ImportError:
-        return None
+    # Importing mlflow costs seconds: only look when the caller already uses it.
+    if "mlflow" not in sys.modules:
+        return os.environ.get("MLFLOW_RUN_ID")
+    import mlflow
+
     try:
         run = mlflow.active_run()
     except Exception:

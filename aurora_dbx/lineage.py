@@ -48,8 +48,8 @@ from .redaction import scrub
 
 __all__ = [
     "Access",
-    "AuroraDataset",
-    "AuroraDatasetSource",
+    "AuroraDataset",  # noqa: F822 - defined on first use (module __getattr__)
+    "AuroraDatasetSource",  # noqa: F822
     "TAGS",
     "dataset_for",
     "query_digest",
@@ -73,11 +73,32 @@ TABLES_WRITTEN = TAG_PREFIX + "tables_written"
 QUERIES_READ = TAG_PREFIX + "queries_read"
 CREDENTIAL_EXPIRES_AT = TAG_PREFIX + "credential_expires_at"
 PROJECT = TAG_PREFIX + "project"
-TAGS = (PRINCIPAL, PRINCIPAL_TYPE, ROLE_ARN, DB_USER, SOURCE_IDENTITY, SESSION_NAME, CLUSTER,
-        TABLES_READ, TABLES_WRITTEN, CREDENTIAL_EXPIRES_AT, PROJECT)
+TAGS = (
+    PRINCIPAL,
+    PRINCIPAL_TYPE,
+    ROLE_ARN,
+    DB_USER,
+    SOURCE_IDENTITY,
+    SESSION_NAME,
+    CLUSTER,
+    TABLES_READ,
+    TABLES_WRITTEN,
+    CREDENTIAL_EXPIRES_AT,
+    PROJECT,
+)
 # Accumulating list tags: a run that used two roles shows both ARNs, both db users, ...
-LIST_TAGS = (PRINCIPAL, PRINCIPAL_TYPE, ROLE_ARN, DB_USER, SOURCE_IDENTITY, SESSION_NAME,
-             CLUSTER, TABLES_READ, TABLES_WRITTEN, QUERIES_READ)
+LIST_TAGS = (
+    PRINCIPAL,
+    PRINCIPAL_TYPE,
+    ROLE_ARN,
+    DB_USER,
+    SOURCE_IDENTITY,
+    SESSION_NAME,
+    CLUSTER,
+    TABLES_READ,
+    TABLES_WRITTEN,
+    QUERIES_READ,
+)
 DATASET_CONTEXT = "aurora_dbx.read"  # the input tag mlflow.data.context of each read
 
 TIMEOUT_ENV = "AURORA_DBX_MLFLOW_TIMEOUT"
@@ -161,7 +182,9 @@ def _context_project() -> str | None:
         return None
 
 
-_lock = threading.RLock()  # serialises read-merge-write of run tags in this process
+# One lock per (tracking URI, run): serialises the read-merge-write of a run's tags in this
+# process without letting a hung server block runs elsewhere.
+_run_locks: dict[tuple[str, str], threading.Lock] = {}
 _known: dict[tuple[str, str], dict[str, set[str]]] = {}  # (uri, run) -> values we set
 _state_lock = threading.Lock()
 _warned = False
@@ -185,7 +208,9 @@ def _probe(uri: str) -> None:
         return  # reached through a proxy: a direct probe would prove nothing
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        socket.create_connection((parsed.hostname, port), timeout=min(PROBE_TIMEOUT, _timeout())).close()
+        socket.create_connection(
+            (parsed.hostname, port), timeout=min(PROBE_TIMEOUT, _timeout())
+        ).close()
     except OSError as e:
         raise ConnectionError(
             f"MLflow tracking server {parsed.hostname}:{port} is not reachable ({e.strerror or e})"
@@ -231,7 +256,8 @@ def _warn_once(run_id: str | None, error: BaseException) -> None:
     if first:
         log.warning(
             "aurora_dbx could not record lineage on the MLflow run (%s); reads and writes are "
-            "not affected, and further MLflow failures in this process are not reported", reason,
+            "not affected, and further MLflow failures in this process are not reported",
+            reason,
         )
     else:
         log.debug("aurora_dbx lineage not recorded: %s", reason)
@@ -242,7 +268,6 @@ def _reset() -> None:
     global _warned, _hung
     with _state_lock:
         _warned, _hung = False, None
-    with _lock:
         _known.clear()
 
 
@@ -273,9 +298,13 @@ def query_digest(query: str) -> str:
 def _values(access: Access) -> dict[str, set[str]]:
     p, r = access.principal, access.role
     values: dict[str, set[str]] = {
-        PRINCIPAL: {p.name}, PRINCIPAL_TYPE: {p.kind}, ROLE_ARN: {r.iam_role_arn},
-        DB_USER: {r.db_user}, SOURCE_IDENTITY: {access.source_identity},
-        SESSION_NAME: {access.session_name}, CLUSTER: {access.cluster.name},
+        PRINCIPAL: {p.name},
+        PRINCIPAL_TYPE: {p.kind},
+        ROLE_ARN: {r.iam_role_arn},
+        DB_USER: {r.db_user},
+        SOURCE_IDENTITY: {access.source_identity},
+        SESSION_NAME: {access.session_name},
+        CLUSTER: {access.cluster.name},
     }
     if access.kind == "write":
         if access.table:
@@ -300,8 +329,12 @@ def _join(values: Iterable[str]) -> str:
     return out
 
 
-def merge_tags(current: Mapping[str, str], access: Access, project: str | None,
-               known: Mapping[str, set[str]] | None = None) -> dict[str, str]:
+def merge_tags(
+    current: Mapping[str, str],
+    access: Access,
+    project: str | None,
+    known: Mapping[str, set[str]] | None = None,
+) -> dict[str, str]:
     """The run tags after ``access``: lists unioned with ``current`` (and ``known``)."""
     merged: dict[str, str] = {}
     new = _values(access)
@@ -310,8 +343,14 @@ def merge_tags(current: Mapping[str, str], access: Access, project: str | None,
         union.discard("...")
         if union:
             merged[key] = _join(union)
-    expiries = [t for t in (_parse_iso(current.get(CREDENTIAL_EXPIRES_AT)),
-                            _parse_iso(_iso_utc(access.credential_expires_at))) if t]
+    expiries = [
+        t
+        for t in (
+            _parse_iso(current.get(CREDENTIAL_EXPIRES_AT)),
+            _parse_iso(_iso_utc(access.credential_expires_at)),
+        )
+        if t
+    ]
     merged[CREDENTIAL_EXPIRES_AT] = _iso_utc(max(expiries))
     if project:
         merged[PROJECT] = scrub(project)
@@ -323,9 +362,11 @@ def _record(access: Access, run_id: str, uri: str, project: str | None) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    with _lock:
-        current = client.get_run(run_id).data.tags
+    with _state_lock:
+        lock = _run_locks.setdefault((uri, run_id), threading.Lock())
         known = _known.setdefault((uri, run_id), {})
+    with lock:
+        current = client.get_run(run_id).data.tags
         merged = merge_tags(current, access, project, known)
         for key in LIST_TAGS:
             if key in merged:
@@ -354,18 +395,27 @@ def _to_mlflow_schema(schema: Any) -> Any:
     if fields is None:
         return None
     simple = {
-        "LongType": DataType.long, "IntegerType": DataType.integer, "ShortType": DataType.integer,
-        "ByteType": DataType.integer, "FloatType": DataType.float, "DoubleType": DataType.double,
-        "DecimalType": DataType.double, "BooleanType": DataType.boolean,
-        "StringType": DataType.string, "VarcharType": DataType.string, "CharType": DataType.string,
-        "BinaryType": DataType.binary, "DateType": DataType.datetime,
-        "TimestampType": DataType.datetime, "TimestampNTZType": DataType.datetime,
+        "LongType": DataType.long,
+        "IntegerType": DataType.integer,
+        "ShortType": DataType.integer,
+        "ByteType": DataType.integer,
+        "FloatType": DataType.float,
+        "DoubleType": DataType.double,
+        "DecimalType": DataType.double,
+        "BooleanType": DataType.boolean,
+        "StringType": DataType.string,
+        "VarcharType": DataType.string,
+        "CharType": DataType.string,
+        "BinaryType": DataType.binary,
+        "DateType": DataType.datetime,
+        "TimestampType": DataType.datetime,
+        "TimestampNTZType": DataType.datetime,
     }
     cols = []
     for f in fields:
         dtype = simple.get(type(f.dataType).__name__, DataType.string)
         cols.append(ColSpec(dtype, name=f.name, required=not getattr(f, "nullable", True)))
-    return Schema(cols)
+    return Schema(cols)  # type: ignore[arg-type]
 
 
 def _build_classes() -> dict[str, type]:
@@ -380,13 +430,32 @@ def _build_classes() -> dict[str, type]:
         and lineage must never hold data or secrets.
         """
 
-        _FIELDS = ("cluster", "engine", "host", "port", "database", "table", "query_sha256",
-                   "role", "role_arn", "db_user")
+        _FIELDS = (
+            "cluster",
+            "engine",
+            "host",
+            "port",
+            "database",
+            "table",
+            "query_sha256",
+            "role",
+            "role_arn",
+            "db_user",
+        )
 
-        def __init__(self, cluster: str, engine: str, host: str, port: int, database: str,
-                     table: str | None = None, query_sha256: str | None = None,
-                     role: str | None = None, role_arn: str | None = None,
-                     db_user: str | None = None):
+        def __init__(
+            self,
+            cluster: str,
+            engine: str,
+            host: str,
+            port: int,
+            database: str,
+            table: str | None = None,
+            query_sha256: str | None = None,
+            role: str | None = None,
+            role_arn: str | None = None,
+            db_user: str | None = None,
+        ):
             self.cluster = cluster
             self.engine = engine
             self.host = host
@@ -423,10 +492,16 @@ def _build_classes() -> dict[str, type]:
         def _resolve(cls, raw_source: Any) -> AuroraDatasetSource:
             parsed = urlparse(raw_source)
             database, _, what = parsed.path.lstrip("/").partition("/")
-            query = what[len("query:"):] if what.startswith("query:") else None
-            return cls(cluster=parsed.hostname or "", engine="", host=parsed.hostname or "",
-                       port=parsed.port or 0, database=database,
-                       table=None if query else what or None, query_sha256=query)
+            query = what[len("query:") :] if what.startswith("query:") else None
+            return cls(
+                cluster=parsed.hostname or "",
+                engine="",
+                host=parsed.hostname or "",
+                port=parsed.port or 0,
+                database=database,
+                table=None if query else what or None,
+                query_sha256=query,
+            )
 
         def to_dict(self) -> dict[str, Any]:
             out: dict[str, Any] = {}
@@ -438,7 +513,7 @@ def _build_classes() -> dict[str, type]:
 
         @classmethod
         def from_dict(cls, source_dict: dict[Any, Any]) -> AuroraDatasetSource:
-            return cls(**{k: source_dict.get(k) for k in cls._FIELDS if k in source_dict})
+            return cls(**{k: source_dict.get(k) for k in cls._FIELDS if k in source_dict})  # type: ignore[arg-type]
 
         def __repr__(self) -> str:
             return f"AuroraDatasetSource({self.uri!r}, role={self.role!r})"
@@ -455,8 +530,14 @@ def _build_classes() -> dict[str, type]:
         not from the rows: reads are lazy and the library never scans data for lineage.
         """
 
-        def __init__(self, source: Any, name: str | None = None, digest: str | None = None,
-                     schema: Any = None, rows: int | None = None):
+        def __init__(
+            self,
+            source: Any,
+            name: str | None = None,
+            digest: str | None = None,
+            schema: Any = None,
+            rows: int | None = None,
+        ):
             self._rows = rows
             super().__init__(source=source, name=name, digest=digest, schema=schema)
 
@@ -474,7 +555,7 @@ def _build_classes() -> dict[str, type]:
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
     if AuroraDatasetSource not in get_registered_sources():
-        register_dataset_source(AuroraDatasetSource)
+        register_dataset_source(AuroraDatasetSource)  # type: ignore[arg-type]
     return {"AuroraDatasetSource": AuroraDatasetSource, "AuroraDataset": AuroraDataset}
 
 
@@ -502,8 +583,15 @@ def dataset_for(access: Access) -> Any:
     c, r = access.cluster, access.role
     digest = query_digest(access.query) if (access.query and not access.table) else None
     source = classes["AuroraDatasetSource"](
-        cluster=c.name, engine=c.engine, host=c.host, port=c.port, database=c.database,
-        table=access.table, query_sha256=digest, role=r.name, role_arn=r.iam_role_arn,
+        cluster=c.name,
+        engine=c.engine,
+        host=c.host,
+        port=c.port,
+        database=c.database,
+        table=access.table,
+        query_sha256=digest,
+        role=r.name,
+        role_arn=r.iam_role_arn,
         db_user=r.db_user,
     )
     name = access.table or f"query:{digest[:12] if digest else 'unknown'}"

@@ -60,6 +60,7 @@ STAGE_PREFIX = "_adbx_stage_"  # write_table stages into <schema>._adbx_stage_<r
 MYSQL_GRANT_HELPER = "_adbx_plan_grant"  # temporary procedure for MySQL wildcard grants
 _READ_PRIVILEGES = "SELECT"
 _WRITE_PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE"
+_MYSQL_STAGE_PRIVILEGES = "CREATE, DROP"
 _PG_RELKINDS = "('r', 'p', 'v', 'm', 'f')"  # tables, partitioned, views, matviews, foreign
 _MYSQL_SYSTEM_SCHEMAS = "('mysql', 'information_schema', 'performance_schema', 'sys')"
 
@@ -839,6 +840,7 @@ def _mysql_user(user: _DbUser, proc: str, database: str) -> tuple[list[SqlBlock]
         return f"CALL {proc}({_literal(schema_like)}, {table_arg}, {_literal(privs)}, {_literal(user.name)})"
 
     grants: list[str] = []
+    staged: list[str] = []  # write patterns whose databases get staging DDL
     for p in user.patterns:
         schema, table = _split(p)
         if "*" in schema:
@@ -858,18 +860,33 @@ def _mysql_user(user: _DbUser, proc: str, database: str) -> tuple[list[SqlBlock]
         else:
             grants.append(f"GRANT {privileges} ON {q(schema)}.{q(table)} TO {account}")
     if write:
-        exact = list(dict.fromkeys(_split(p)[0] for p in user.patterns if "*" not in _split(p)[0]))
-        for schema in exact:
-            grants.append(f"GRANT CREATE, DROP ON {q(schema)}.* TO {account}")
+        # write_table stages into <database>._adbx_stage_<random>: CREATE TABLE ... SELECT,
+        # ALTER TABLE ... ADD COLUMN/INDEX, INSERT/SELECT by the tasks, DROP. MySQL has no
+        # table ownership and no grants on table-name patterns, so all of that must be
+        # granted database-wide: only where the role already covers the whole database.
         for p in user.patterns:
-            schema, _ = _split(p)
-            if "*" in schema:
-                grants.append(call(_like(schema), None, "CREATE, DROP"))
-        notes.append(
-            f"{user.name} gets CREATE, DROP on the database(s) it writes to, for write_table's "
-            f"staging tables ({STAGE_PREFIX}*); MySQL cannot limit DROP to those names, so it "
-            "can drop any table in those databases: keep tables it must not drop elsewhere"
-        )
+            schema, table = _split(p)
+            if table != "*":
+                notes.append(
+                    f"{p.text}: on MySQL, write_table's staging table needs INSERT, SELECT, "
+                    "ALTER and DROP on a new table in the same database, which MySQL can only "
+                    "grant database-wide; plan grants no staging privileges for table-level "
+                    f"patterns, so write_table to these tables fails for {user.name}: give MySQL "
+                    "write roles whole-database patterns (db.*)"
+                )
+            elif "*" in schema:
+                grants.append(call(_like(schema), None, _MYSQL_STAGE_PRIVILEGES))
+                staged.append(p.text)
+            else:
+                grants.append(f"GRANT {_MYSQL_STAGE_PRIVILEGES} ON {q(schema)}.* TO {account}")
+                staged.append(p.text)
+        if staged:
+            notes.append(
+                f"{user.name} gets {_MYSQL_STAGE_PRIVILEGES} on the database(s) of "
+                f"{', '.join(staged)} for write_table's staging tables ({STAGE_PREFIX}*); MySQL "
+                "cannot limit them to those names, so it can also alter or drop the other "
+                "tables there"
+            )
     if not any(_part_matches(_split(p)[0], database) for p in user.patterns):
         notes.append(
             f"{user.name} has no grant in the cluster's database {database}, which aurora_dbx "
@@ -883,7 +900,7 @@ def _mysql_user(user: _DbUser, proc: str, database: str) -> tuple[list[SqlBlock]
         SqlBlock(f"{user.name}: revoke earlier grants so the result is exactly the policy", reset),
         SqlBlock(
             f"{user.name} ({verb}): {privileges} on {', '.join(p.text for p in user.patterns)}"
-            + (" (+ CREATE, DROP on the database for staging tables)" if write else ""),
+            + (f" (+ {_MYSQL_STAGE_PRIVILEGES} on whole databases for staging tables)" if staged else ""),
             tuple(grants),
         ),
     ]

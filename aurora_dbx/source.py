@@ -136,8 +136,12 @@ def _read_postgres(conn: Any, sql: str, columns: list[Column], schema: Any) -> I
         cur.execute("SET DateStyle = 'ISO, YMD'")
         cur.execute("SET extra_float_digits = 3")
         with cur.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, NULL '\\N')") as copy:
+            stream = io.BufferedReader(_CopyStream(copy), buffer_size=1 << 20)
+            if not stream.peek(1):  # no rows: Arrow refuses an empty CSV stream
+                conn.rollback()
+                return
             reader = csv.open_csv(
-                io.BufferedReader(_CopyStream(copy), buffer_size=1 << 20),
+                stream,
                 read_options=csv.ReadOptions(column_names=names, block_size=COPY_BLOCK_BYTES, use_threads=False),
                 parse_options=csv.ParseOptions(newlines_in_values=True),
                 convert_options=csv.ConvertOptions(

@@ -598,8 +598,11 @@ def _create_stage(conn: Any, target: Cluster, name: TableName, stage: str, qcols
             cur.execute(f"ALTER TABLE {stage} ADD COLUMN _adbx_part integer NOT NULL")
             cur.execute(f"CREATE INDEX ON {stage} (_adbx_part)")
         else:
-            cur.execute(f"CREATE TABLE {stage} AS SELECT {', '.join(qcols)} FROM {name.quoted(target.engine)} WHERE 1=0")
-            cur.execute(f"ALTER TABLE {stage} ADD COLUMN _adbx_part INT NOT NULL, ADD INDEX (_adbx_part)")
+            # One statement (no ALTER privilege needed): the extra column plus the target's.
+            cur.execute(
+                f"CREATE TABLE {stage} (_adbx_part INT NOT NULL, INDEX (_adbx_part)) "
+                f"SELECT {', '.join(qcols)} FROM {name.quoted(target.engine)} WHERE 1=0"
+            )
     conn.commit()
 
 

@@ -78,11 +78,13 @@ def _policy(stack, roles: dict[str, str]) -> dict:
                                "db_user": "pipeline_rw", "access": "write", "tables": ["features.*"]},
             "orders-read": {"cluster": "orders", "iam_role_arn": roles["orders-read"],
                             "db_user": "orders_ro", "access": "read", "tables": [f"{my.database}.*"]},
+            "orders-write": {"cluster": "orders", "iam_role_arn": roles["orders-write"],
+                             "db_user": "orders_rw", "access": "write", "tables": [f"{my.database}.*"]},
         },
         "bindings": [
             {"user": ANALYST, "roles": ["analyst-read", "orders-read"]},
             {"group": "data-science", "roles": ["analyst-read"]},
-            {"service_principal": PIPELINE_SP, "roles": ["pipeline-write", "analyst-read"]},
+            {"service_principal": PIPELINE_SP, "roles": ["pipeline-write", "analyst-read", "orders-write"]},
         ],
         "audit": {"sink": "log"},
     }
@@ -95,7 +97,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     stack = LocalStack(engines=("postgresql", "mysql"))
     stack.start()
     try:
-        roles = {name: stack.create_role(f"aurora-{name}") for name in ("analyst-read", "pipeline-write", "orders-read")}
+        roles = {name: stack.create_role(f"aurora-{name}") for name in ("analyst-read", "pipeline-write", "orders-read", "orders-write")}
         pg, my = stack.postgres, stack.mysql
         for user in ("analyst_ro", "pipeline_rw"):
             pg.create_iam_user(user)
@@ -110,9 +112,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         my.execute_admin(f"CREATE TABLE IF NOT EXISTS `{my.database}`.`orders` (id BIGINT PRIMARY KEY, total DECIMAL(12,2))")
         my.execute_admin(f"INSERT IGNORE INTO `{my.database}`.`orders` VALUES (1, 10.50), (2, 99.99)")
         my.execute_admin(f"GRANT SELECT ON `{my.database}`.* TO 'orders_ro'@'%'")
+        my.create_iam_user("orders_rw")
+        my.execute_admin(f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP ON `{my.database}`.* TO 'orders_rw'@'%'")
+        pg.execute_admin("ALTER DEFAULT PRIVILEGES IN SCHEMA features GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO pipeline_rw")
+        pg.execute_admin("ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO analyst_ro")
         stack.allow(roles["analyst-read"], "analyst_ro", "postgresql")
         stack.allow(roles["pipeline-write"], "pipeline_rw", "postgresql")
         stack.allow(roles["orders-read"], "orders_ro", "mysql")
+        stack.allow(roles["orders-write"], "orders_rw", "mysql")
         stack.add_databricks_principal(TOKENS[ANALYST], user_name=ANALYST, groups=["analysts"])
         stack.add_databricks_principal(TOKENS[SCIENTIST], user_name=SCIENTIST, groups=["data-science", "users"])
         stack.add_databricks_principal(TOKENS[PIPELINE_SP], user_name=PIPELINE_SP, kind="service_principal",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -22,39 +23,83 @@ from aurora_dbx.lineage import Access, record  # noqa: E402
 from aurora_dbx.policy import load_policy  # noqa: E402
 from aurora_dbx.redaction import register_secret  # noqa: E402
 
-POLICY = load_policy({
-    "version": 1,
-    "project": "churn-model",
-    "clusters": {"analytics": {"engine": "postgresql", "host": "analytics.cluster-abc123.us-east-1.rds.amazonaws.com",
-                               "port": 5432, "database": "analytics", "region": "us-east-1"}},
-    "roles": {
-        "analyst-read": {"cluster": "analytics", "iam_role_arn": "arn:aws:iam::123456789012:role/aurora-analyst-read",
-                         "db_user": "analyst_ro", "access": "read", "tables": ["public.*", "features.customer_*"]},
-        "pipeline-write": {"cluster": "analytics", "iam_role_arn": "arn:aws:iam::123456789012:role/aurora-pipeline-write",
-                           "db_user": "pipeline_rw", "access": "write", "tables": ["features.*"]},
-    },
-    "bindings": [{"user": "analyst@example.com", "roles": ["analyst-read", "pipeline-write"]}],
-})
+POLICY = load_policy(
+    {
+        "version": 1,
+        "project": "churn-model",
+        "clusters": {
+            "analytics": {
+                "engine": "postgresql",
+                "host": "analytics.cluster-abc123.us-east-1.rds.amazonaws.com",
+                "port": 5432,
+                "database": "analytics",
+                "region": "us-east-1",
+            }
+        },
+        "roles": {
+            "analyst-read": {
+                "cluster": "analytics",
+                "iam_role_arn": "arn:aws:iam::123456789012:role/aurora-analyst-read",
+                "db_user": "analyst_ro",
+                "access": "read",
+                "tables": ["public.*", "features.customer_*"],
+            },
+            "pipeline-write": {
+                "cluster": "analytics",
+                "iam_role_arn": "arn:aws:iam::123456789012:role/aurora-pipeline-write",
+                "db_user": "pipeline_rw",
+                "access": "write",
+                "tables": ["features.*"],
+            },
+        },
+        "bindings": [{"user": "analyst@example.com", "roles": ["analyst-read", "pipeline-write"]}],
+    }
+)
 ANALYST = Principal("analyst@example.com", "user", groups=("data-science",))
 EXPIRES = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
-def access(kind="read", table="public.customers", role="analyst-read", *, query=None,
-           expires=EXPIRES, schema=None, rows=None, session_name=None, mode=None) -> Access:
+def access(
+    kind="read",
+    table="public.customers",
+    role="analyst-read",
+    *,
+    query=None,
+    expires=EXPIRES,
+    schema=None,
+    rows=None,
+    session_name=None,
+    mode=None,
+) -> Access:
     r = POLICY.roles[role]
     return Access(
-        principal=ANALYST, role=r, cluster=POLICY.clusters[r.cluster], kind=kind, table=table,
-        query=query, session_name=session_name or "aurora-dbx.analyst@example.com",
-        source_identity="analyst@example.com", credential_expires_at=expires, rows=rows,
-        mode=mode, schema=schema, project=POLICY.project,
+        principal=ANALYST,
+        role=r,
+        cluster=POLICY.clusters[r.cluster],
+        kind=kind,
+        table=table,
+        query=query,
+        session_name=session_name or "aurora-dbx.analyst@example.com",
+        source_identity="analyst@example.com",
+        credential_expires_at=expires,
+        rows=rows,
+        mode=mode,
+        schema=schema,
+        project=POLICY.project,
     )
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One real sqlite tracking store (and artifact root) for the module."""
+    import mlflow.tracking.fluent as fluent
+
     root = tmp_path_factory.mktemp("mlflow")
-    previous = mlflow.get_tracking_uri()
+    previous = (
+        mlflow.get_tracking_uri(),
+        fluent._active_experiment_id,
+        os.environ.get("MLFLOW_EXPERIMENT_ID"),
+    )
     uri = f"sqlite:///{root}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     MlflowClient(uri).create_experiment("lineage", artifact_location=(root / "artifacts").as_uri())
@@ -62,7 +107,13 @@ def store(tmp_path_factory):
     yield root
     while mlflow.active_run():
         mlflow.end_run()
-    mlflow.set_tracking_uri(previous)
+    # leave no tracking URI or experiment behind for other test modules
+    mlflow.set_tracking_uri(previous[0])
+    fluent._active_experiment_id = previous[1]
+    if previous[2] is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = previous[2]
 
 
 @pytest.fixture(autouse=True)
@@ -81,12 +132,19 @@ def clean(store, monkeypatch):
 def spark_schema():
     from pyspark.sql.types import DateType, LongType, StringType, StructField, StructType
 
-    return StructType([StructField("id", LongType(), False), StructField("name", StringType()),
-                       StructField("signup", DateType())])
+    return StructType(
+        [
+            StructField("id", LongType(), False),
+            StructField("name", StringType()),
+            StructField("signup", DateType()),
+        ]
+    )
 
 
 def aurora_tags(run_id: str) -> dict[str, str]:
-    return {k: v for k, v in mlflow.get_run(run_id).data.tags.items() if k.startswith("aurora_dbx.")}
+    return {
+        k: v for k, v in mlflow.get_run(run_id).data.tags.items() if k.startswith("aurora_dbx.")
+    }
 
 
 def test_tags_and_datasets_accumulate_sorted_and_deduplicated(store):
@@ -94,15 +152,23 @@ def test_tags_and_datasets_accumulate_sorted_and_deduplicated(store):
         record(access(table="public.customers", schema=spark_schema()))
         record(access(table="features.customer_ltv", expires=EXPIRES - timedelta(minutes=30)))
         # a second call: a write through another role, and a table read again
-        record(access("write", "features.scores", "pipeline-write", rows=2, mode="upsert",
-                      expires=EXPIRES + timedelta(minutes=5)))
+        record(
+            access(
+                "write",
+                "features.scores",
+                "pipeline-write",
+                rows=2,
+                mode="upsert",
+                expires=EXPIRES + timedelta(minutes=5),
+            )
+        )
         record(access(table="public.customers", schema=spark_schema()))
     tags = aurora_tags(run.info.run_id)
     assert tags == {
         "aurora_dbx.principal": "analyst@example.com",
         "aurora_dbx.principal_type": "user",
         "aurora_dbx.role_arn": "arn:aws:iam::123456789012:role/aurora-analyst-read,"
-                               "arn:aws:iam::123456789012:role/aurora-pipeline-write",
+        "arn:aws:iam::123456789012:role/aurora-pipeline-write",
         "aurora_dbx.db_user": "analyst_ro,pipeline_rw",
         "aurora_dbx.source_identity": "analyst@example.com",
         "aurora_dbx.session_name": "aurora-dbx.analyst@example.com",
@@ -120,7 +186,10 @@ def test_tags_and_datasets_accumulate_sorted_and_deduplicated(store):
     customers = next(i for i in inputs if i.dataset.name == "public.customers")
     schema = json.loads(customers.dataset.schema)["mlflow_colspec"]
     assert [(c["name"], c["type"], c["required"]) for c in schema] == [
-        ("id", "long", True), ("name", "string", False), ("signup", "datetime", False)]
+        ("id", "long", True),
+        ("name", "string", False),
+        ("signup", "datetime", False),
+    ]
 
 
 def test_dataset_source_round_trips_through_the_registry(store):
@@ -134,10 +203,15 @@ def test_dataset_source_round_trips_through_the_registry(store):
     assert source._get_source_type() == "aurora"
     assert isinstance(source, lineage.AuroraDatasetSource)
     assert source.to_dict() == {
-        "cluster": "analytics", "engine": "postgresql",
-        "host": "analytics.cluster-abc123.us-east-1.rds.amazonaws.com", "port": 5432,
-        "database": "analytics", "table": "public.customers", "role": "analyst-read",
-        "role_arn": "arn:aws:iam::123456789012:role/aurora-analyst-read", "db_user": "analyst_ro",
+        "cluster": "analytics",
+        "engine": "postgresql",
+        "host": "analytics.cluster-abc123.us-east-1.rds.amazonaws.com",
+        "port": 5432,
+        "database": "analytics",
+        "table": "public.customers",
+        "role": "analyst-read",
+        "role_arn": "arn:aws:iam::123456789012:role/aurora-analyst-read",
+        "db_user": "analyst_ro",
     }
     assert type(source).from_json(source.to_json()) == source
     digest = lineage.query_digest("SELECT id FROM public.customers WHERE name = 'Ada'")
@@ -164,14 +238,20 @@ def test_merges_with_tags_already_in_the_store(store):
 def test_concurrent_calls_in_one_process_lose_nothing(store):
     with mlflow.start_run() as run:
         run_id = run.info.run_id
-        threads = [threading.Thread(target=record, args=(access(table=f"public.t{i:02d}"),),
-                                    kwargs={"run_id": run_id}) for i in range(12)]
+        threads = [
+            threading.Thread(
+                target=record, args=(access(table=f"public.t{i:02d}"),), kwargs={"run_id": run_id}
+            )
+            for i in range(12)
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     lineage._reset()  # forget the in-process cache: the store itself must hold everything
-    assert aurora_tags(run_id)["aurora_dbx.tables_read"] == ",".join(f"public.t{i:02d}" for i in range(12))
+    assert aurora_tags(run_id)["aurora_dbx.tables_read"] == ",".join(
+        f"public.t{i:02d}" for i in range(12)
+    )
     assert len(mlflow.get_run(run_id).inputs.dataset_inputs) == 12
 
 
@@ -183,7 +263,8 @@ def test_nested_runs_tag_the_innermost_run_only(store):
     assert aurora_tags(parent.info.run_id)["aurora_dbx.tables_read"] == "public.customers"
     assert aurora_tags(child.info.run_id)["aurora_dbx.tables_read"] == "features.customer_ltv"
     assert [i.dataset.name for i in mlflow.get_run(child.info.run_id).inputs.dataset_inputs] == [
-        "features.customer_ltv"]
+        "features.customer_ltv"
+    ]
 
 
 def test_explicit_run_id_without_an_active_run(store):
@@ -275,7 +356,12 @@ def test_no_secret_reaches_the_mlflow_store(store):
     signed = "X-Amz-Signature=deadbeefcafebabe0123456789abcdef"
     register_secret(secret)
     with mlflow.start_run() as run:
-        record(access(table=None, query=f"SELECT * FROM public.customers WHERE k = '{secret}' AND '{signed}'"))
+        record(
+            access(
+                table=None,
+                query=f"SELECT * FROM public.customers WHERE k = '{secret}' AND '{signed}'",
+            )
+        )
         record(access(table="public.customers", session_name=f"s-{secret}", mode=secret))
     tags = aurora_tags(run.info.run_id)
     assert "***" in tags["aurora_dbx.session_name"]
@@ -284,3 +370,43 @@ def test_no_secret_reaches_the_mlflow_store(store):
             data = path.read_bytes()
             assert secret.encode() not in data, path
             assert b"deadbeefcafebabe" not in data, path
+
+
+def doc_example() -> tuple[dict[str, str], list[dict]]:
+    """The example in docs/LINEAGE_AND_AUDIT.md: two reads, then a write, in one run."""
+    with mlflow.start_run() as run:
+        record(access(table="public.customers", schema=spark_schema()))
+        record(access(table="features.customer_ltv"))
+        record(
+            access(
+                "write",
+                "features.scores",
+                "pipeline-write",
+                rows=2,
+                mode="upsert",
+                expires=EXPIRES + timedelta(minutes=5),
+            )
+        )
+    got = mlflow.get_run(run.info.run_id)
+    tags = {k: v for k, v in sorted(got.data.tags.items()) if k.startswith("aurora_dbx.")}
+    inputs = [
+        {
+            "name": i.dataset.name,
+            "digest": i.dataset.digest,
+            "source_type": i.dataset.source_type,
+            "source": json.loads(i.dataset.source),
+            "schema": json.loads(i.dataset.schema) if i.dataset.schema else None,
+            "tags": {t.key: t.value for t in i.tags},
+        }
+        for i in got.inputs.dataset_inputs
+    ]
+    return tags, sorted(inputs, key=lambda i: i["name"])
+
+
+def test_the_documented_example_is_real_output(store):
+    tags, inputs = doc_example()
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "LINEAGE_AND_AUDIT.md").read_text()
+    for key, value in tags.items():
+        assert f"{key!r}: {value!r}" in doc, key
+    for i in inputs:
+        assert f"'name': {i['name']!r}" in doc and f"'digest': {i['digest']!r}" in doc

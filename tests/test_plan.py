@@ -282,6 +282,19 @@ def test_mysql_sql_creates_an_iam_user_with_tls_and_database_grants() -> None:
     ]
 
 
+def test_mysql_write_roles_get_staging_ddl_only_on_whole_databases() -> None:
+    def writers(d: dict) -> None:
+        d["roles"]["orders-read"].update(access="write", tables=["orders.*", "hist_*.*", "shop.items"])
+
+    sql = build_sql(policy(writers))["orders"]
+    assert "GRANT CREATE, DROP ON `orders`.* TO `orders_ro`@'%'" in sql.statements
+    assert ("CALL `orders`.`_adbx_plan_grant`('hist!_%', NULL, 'CREATE, DROP', 'orders_ro')"
+            in sql.statements)
+    assert not any("`shop`.*" in s for s in sql.statements)
+    assert "GRANT SELECT, INSERT, UPDATE, DELETE ON `shop`.`items` TO `orders_ro`@'%'" in sql.statements
+    assert any(n.startswith("shop.items: on MySQL, write_table's staging table") for n in sql.notes)
+
+
 def test_mysql_user_without_a_grant_in_the_cluster_database_gets_a_note() -> None:
     assert not any("error 1044" in n for n in build_sql(policy())["orders"].notes)
 
@@ -576,12 +589,16 @@ def test_postgres_write_user_writes_and_stages_in_its_schema_only(pg: Applied) -
         _run(conn, f"UPDATE {feat}.scores SET score = 0.9 WHERE id = 2")
         _run(conn, f"DELETE FROM {feat}.scores WHERE id = 2")
         # write_table's stage-and-publish, in one transaction
+        stage = f"{feat}._adbx_stage_1_ab"
+        _run(conn, f"CREATE UNLOGGED TABLE {stage} AS SELECT id, score FROM {feat}.scores WITH NO DATA")
+        _run(conn, f"ALTER TABLE {stage} ADD COLUMN _adbx_part integer NOT NULL")
+        _run(conn, f"CREATE INDEX ON {stage} (_adbx_part)")
+        _run(conn, f"INSERT INTO {stage} VALUES (3, 0.3, 0)")
         with conn.transaction():
-            _run(conn, f"CREATE TABLE {feat}._adbx_stage_t1 (LIKE {feat}.scores)")
-            _run(conn, f"INSERT INTO {feat}._adbx_stage_t1 VALUES (3, 0.3)")
-            _run(conn, f"INSERT INTO {feat}.scores SELECT * FROM {feat}._adbx_stage_t1 "
+            _run(conn, f"SELECT count(*) FROM {stage}")
+            _run(conn, f"INSERT INTO {feat}.scores (id, score) SELECT id, score FROM {stage} "
                        "ON CONFLICT (id) DO UPDATE SET score = EXCLUDED.score")
-            _run(conn, f"DROP TABLE {feat}._adbx_stage_t1")
+        _run(conn, f"DROP TABLE IF EXISTS {stage}")
         assert _run(conn, f"SELECT score FROM {feat}.scores WHERE id = 3") == [(0.3,)]
         _pg_refused(conn, f"SELECT * FROM {pub}.customers")
         _pg_refused(conn, f"INSERT INTO {secret}.salaries VALUES (9, 1)")
@@ -642,8 +659,9 @@ def my(world: Any) -> Iterator[Applied]:
         f"INSERT INTO `{other}`.`secret` VALUES (1)",
     ):
         admin.execute_admin(stmt)
-    a.roles = _moto_roles(stack, sfx, ["myreader", "mywriter", "myarch"])
-    users = {"myreader": f"plan_myro_{sfx}", "mywriter": f"plan_myrw_{sfx}", "myarch": f"plan_myarch_{sfx}"}
+    a.roles = _moto_roles(stack, sfx, ["myreader", "mywriter", "myarch", "mytable"])
+    users = {"myreader": f"plan_myro_{sfx}", "mywriter": f"plan_myrw_{sfx}",
+             "myarch": f"plan_myarch_{sfx}", "mytable": f"plan_mytw_{sfx}"}
     data = {
         "version": 1, "project": "plan-test",
         "clusters": {"orders": {"engine": "mysql", "host": "localhost", "port": admin.port,
@@ -656,8 +674,10 @@ def my(world: Any) -> Iterator[Applied]:
                          "access": "write", "tables": [f"{shop}.*"]},
             "myarch": {"cluster": "orders", "iam_role_arn": a.roles["myarch"], "db_user": users["myarch"],
                        "access": "read", "tables": [f"pl{sfx}_arch_*.*"]},
+            "mytable": {"cluster": "orders", "iam_role_arn": a.roles["mytable"], "db_user": users["mytable"],
+                        "access": "write", "tables": [f"{shop}.orders"]},
         },
-        "bindings": [{"group": "ops", "roles": ["myreader", "mywriter", "myarch"]}],
+        "bindings": [{"group": "ops", "roles": list(users)}],
     }
     a.policy = load_policy(data)
     statements = build_sql(a.policy)["orders"].statements
@@ -694,7 +714,7 @@ def test_mysql_users_require_tls(my: Applied) -> None:
         "SELECT User, JSON_VALUE(Priv, '$.ssl_type') FROM mysql.global_priv WHERE User LIKE %s",
         (f"plan_my%{my.sfx}",),
     )
-    assert len(rows) == 3 and all(ssl_type == "1" for _, ssl_type in rows), rows  # 1 = ANY (REQUIRE SSL)
+    assert len(rows) == 4 and all(ssl_type == "1" for _, ssl_type in rows), rows  # 1 = ANY (REQUIRE SSL)
 
 
 def test_mysql_schema_wildcard_covers_matching_databases_only(my: Applied) -> None:
@@ -710,18 +730,32 @@ def test_mysql_write_user_writes_and_stages_in_its_database_only(my: Applied) ->
         _run(conn, f"INSERT INTO `{shop}`.`orders` VALUES (2, 20.00)")
         _run(conn, f"UPDATE `{shop}`.`orders` SET total = 21.00 WHERE id = 2")
         _run(conn, f"DELETE FROM `{shop}`.`orders` WHERE id = 2")
-        _run(conn, f"CREATE TABLE `{shop}`.`_adbx_stage_t1` LIKE `{shop}`.`orders`")
-        _run(conn, f"INSERT INTO `{shop}`.`_adbx_stage_t1` VALUES (3, 30.00)")
+        # write_table's stage-and-publish, statement for statement (aurora_dbx.spark_io)
+        stage = f"`{shop}`.`_adbx_stage_1_ab`"
+        _run(conn, f"CREATE TABLE {stage} (_adbx_part INT NOT NULL, INDEX (_adbx_part)) "
+                   f"SELECT `id`, `total` FROM `{shop}`.`orders` WHERE 1=0")
+        _run(conn, f"INSERT INTO {stage} (`id`, `total`, _adbx_part) VALUES (3, 30.00, 0)")
+        _run(conn, f"SELECT count(*) FROM {stage}")
         _run(conn, "START TRANSACTION")
-        _run(conn, f"INSERT INTO `{shop}`.`orders` SELECT * FROM `{shop}`.`_adbx_stage_t1` "
-                   "ON DUPLICATE KEY UPDATE total = VALUES(total)")
+        _run(conn, f"INSERT INTO `{shop}`.`orders` (`id`, `total`) SELECT `id`, `total` FROM {stage} "
+                   "ON DUPLICATE KEY UPDATE `total` = VALUES(`total`)")
         _run(conn, "COMMIT")
-        _run(conn, f"DROP TABLE `{shop}`.`_adbx_stage_t1`")
+        _run(conn, f"DROP TABLE IF EXISTS {stage}")
         assert _run(conn, f"SELECT total FROM `{shop}`.`orders` WHERE id = 3")[0][0] == 30
         _my_refused(conn, f"SELECT * FROM `{other}`.`secret`")
         _my_refused(conn, f"INSERT INTO `{other}`.`secret` VALUES (9)")
         _my_refused(conn, f"CREATE TABLE `{other}`.`_adbx_stage_x` (id INT)")
         _my_refused(conn, f"CREATE PROCEDURE `{shop}`.`p`() SELECT 1")
+
+
+def test_mysql_table_level_write_user_gets_no_database_wide_ddl(my: Applied) -> None:
+    shop = my.schema("shop")
+    with _login(my.stack, "mysql", my.roles["mytable"], f"plan_mytw_{my.sfx}") as conn:
+        _run(conn, f"INSERT INTO `{shop}`.`orders` VALUES (7, 70.00)")
+        _run(conn, f"DELETE FROM `{shop}`.`orders` WHERE id = 7")
+        _my_refused(conn, f"SELECT * FROM `{shop}`.`cust_a`")
+        _my_refused(conn, f"CREATE TABLE `{shop}`.`_adbx_stage_1_cd` (id INT)")
+        _my_refused(conn, f"DROP TABLE `{shop}`.`cust_a`")
 
 
 def test_mysql_rerun_revokes_grants_outside_the_policy(my: Applied) -> None:

@@ -138,7 +138,6 @@ def _read_postgres(conn: Any, sql: str, columns: list[Column], schema: Any) -> I
         with cur.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, NULL '\\N')") as copy:
             stream = io.BufferedReader(_CopyStream(copy), buffer_size=1 << 20)
             if not stream.peek(1):  # no rows: Arrow refuses an empty CSV stream
-                conn.rollback()
                 return
             reader = csv.open_csv(
                 stream,

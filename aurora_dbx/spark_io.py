@@ -139,6 +139,12 @@ def _query_tables(conn: Any, cluster: Cluster, query: str) -> set[TableName]:
     return tables
 
 
+def _is_permission_error(e: BaseException) -> bool:
+    text = str(e).lower()
+    code = e.args[0] if getattr(e, "args", None) else None
+    return "permission denied" in text or code in (1142, 1143, 1044)
+
+
 def _partitioning(
     conn: Any, cluster: Cluster, relation: str, table: TableName | None, where: str | None,
     column: str | None, num_partitions: int | None, parallelism: int,
@@ -267,7 +273,20 @@ def read_table(
     try:
         tables_read = {name}
         if query:
-            tables_read = _query_tables(conn, target, query)
+            try:
+                tables_read = _query_tables(conn, target, query)
+            except Exception as e:
+                if not _is_permission_error(e):
+                    raise
+                err = AccessDenied(
+                    f"the database refused the query for {chosen.db_user} (role {chosen.name}): "
+                    f"{str(e).strip().splitlines()[0]}"
+                )
+                ctx.audit(AuditEvent(event="denied", outcome="denied", principal=principal.name,
+                                     principal_type=principal.kind, role_arn=chosen.iam_role_arn,
+                                     role=chosen.name, db_user=chosen.db_user, cluster=target.name,
+                                     table=str(name), reason=str(err), project=ctx.policy.project))
+                raise err from None
             outside = sorted(str(t) for t in tables_read if not chosen.allows(t, "read"))
             if outside:
                 err = AccessDenied(
@@ -340,7 +359,9 @@ def jdbc_options(cluster: Cluster, user: str, token: str, *, read_only: bool, ta
             props["readOnly"] = "true"
             props["options"] = "-c default_transaction_read_only=on"
     else:
-        url = f"jdbc:mariadb://{cluster.host}:{cluster.port}/{cluster.database}"
+        # jdbc:mysql: (accepted by the MariaDB driver) makes Spark pick its MySQL dialect,
+        # which quotes identifiers with backticks.
+        url = f"jdbc:mysql://{cluster.host}:{cluster.port}/{cluster.database}"
         props = {"driver": "org.mariadb.jdbc.Driver", "user": user, "password": token,
                  "rewriteBatchedStatements": "true", "useBulkStmts": "true", "fetchsize": "10000",
                  "connectionAttributes": ",".join(f"{k}:{v}" for k, v in tags.items())[:1000]}
@@ -600,7 +621,7 @@ def _create_stage(conn: Any, target: Cluster, name: TableName, stage: str, qcols
         else:
             # One statement (no ALTER privilege needed): the extra column plus the target's.
             cur.execute(
-                f"CREATE TABLE {stage} (_adbx_part INT NOT NULL, INDEX (_adbx_part)) "
+                f"CREATE TABLE {stage} (_adbx_part INT NOT NULL DEFAULT 0, INDEX (_adbx_part)) "
                 f"SELECT {', '.join(qcols)} FROM {name.quoted(target.engine)} WHERE 1=0"
             )
     conn.commit()

@@ -157,9 +157,17 @@ def test_query_read_checks_every_table_it_touches(world, env, spark):
     df = aurora_dbx.read_table("public.customers", cluster="analytics",
                                query="SELECT c.id, c.name FROM public.customers c WHERE c.id = 1")
     assert [tuple(r) for r in df.collect()] == [(1, "Ada")]
-    with pytest.raises(AccessDenied, match="secret.salaries"):
+    # the database itself refuses: analyst_ro has no USAGE on schema secret
+    with pytest.raises(AccessDenied, match="permission denied for schema secret"):
         aurora_dbx.read_table("public.customers", cluster="analytics",
                               query="SELECT c.id FROM public.customers c JOIN secret.salaries s ON s.id = c.id")
+    # a table the user can see but the policy does not cover is refused by the client
+    world.stack.postgres.execute_admin("CREATE TABLE IF NOT EXISTS features.internal_notes (id bigint PRIMARY KEY)")
+    world.stack.postgres.execute_admin("GRANT USAGE ON SCHEMA features TO analyst_ro")
+    world.stack.postgres.execute_admin("GRANT SELECT ON features.internal_notes TO analyst_ro")
+    with pytest.raises(AccessDenied, match="features.internal_notes"):
+        aurora_dbx.read_table("public.customers", cluster="analytics",
+                              query="SELECT c.id FROM public.customers c JOIN features.internal_notes n ON n.id = c.id")
 
 
 def test_action_long_after_token_lifetime_still_works(world, env, spark):

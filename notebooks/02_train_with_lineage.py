@@ -60,13 +60,16 @@ with mlflow.start_run(run_name=f"train on {table}") as run:
 
     mlflow.log_params({"table": table, "label": label, "features": ",".join(feature_cols), "rows": len(pdf)})
     mlflow.log_metric("train_accuracy", float(model.score(X, y)))
+    model_info = None
     if log_model:
         # MLflow 3 names the model with `name=`; MLflow 2 (older runtimes) with `artifact_path=`.
         where = {"name": "model"} if int(mlflow.__version__.split(".")[0]) >= 3 else {"artifact_path": "model"}
-        mlflow.sklearn.log_model(model, input_example=X.head(3), **where)
+        model_info = mlflow.sklearn.log_model(model, input_example=X.head(3), **where)
 
 run_id = run.info.run_id
 print(f"run {run_id}: train_accuracy={model.score(X, y):.3f} on {len(pdf)} rows, features {feature_cols}")
+if model_info is not None:
+    print(f"model: {model_info.model_uri}")
 
 # COMMAND ----------
 

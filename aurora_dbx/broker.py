@@ -132,6 +132,8 @@ class BrokerTokenSource:
     """
 
     def __init__(self, url: str, capability: str, timeout: float = 15.0):
+        if not url.startswith("http://"):
+            raise ValueError("the token broker URL must be http://host:port")
         self.url = url
         self.capability = capability
         self.timeout = timeout
@@ -143,10 +145,11 @@ class BrokerTokenSource:
         body = json.dumps({"capability": self.capability, "fresh": fresh}).encode()
         last: Exception | None = None
         for attempt in range(4):  # the driver may be briefly busy (GC, a long collect)
-            req = urlrequest.Request(self.url + "/v1/token", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+            req = urlrequest.Request(  # noqa: S310 - the URL is checked to be http:// in __init__
+                self.url + "/v1/token", data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
             try:
-                with urlrequest.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - http to our own driver
+                with urlrequest.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - http:// to our driver
                     data = json.loads(resp.read())
                 break
             except urlerror.HTTPError as e:
@@ -155,7 +158,8 @@ class BrokerTokenSource:
                 except Exception:
                     detail = ""
                 if e.code == 409:
-                    raise SessionExpired(detail) if "SessionExpired" in detail or "expired" in detail else CredentialError(detail)
+                    kind = SessionExpired if "expired" in detail else CredentialError
+                    raise kind(detail) from None
                 raise CredentialError(f"the driver's token broker refused ({e.code}): {detail}") from None
             except (urlerror.URLError, OSError, TimeoutError) as e:
                 last = e

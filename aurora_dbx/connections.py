@@ -89,7 +89,7 @@ def open_connection(
     retrying = tenacity.Retrying(
         stop=stop, wait=wait, reraise=True,
         retry=tenacity.retry_if_exception_type(_Transient),
-        **({"sleep": sleep} if sleep else {}),
+        sleep=sleep or tenacity.nap.sleep,
     )
     where = f"{cluster.engine} cluster {cluster.name} ({cluster.host}:{cluster.port}) as {db_user}"
     try:

@@ -159,7 +159,7 @@ def service_credential_source(name: str) -> BaseSource:
         try:
             from databricks.sdk.runtime import dbutils  # type: ignore[attr-defined]
 
-            provider = dbutils.credentials.getServiceCredentialsProvider(name)
+            provider = dbutils.credentials.getServiceCredentialsProvider(name)  # type: ignore[call-arg]
         except Exception as e:
             raise CredentialError(
                 f"Unity Catalog service credential {name!r} is not usable here ({type(e).__name__}); "
@@ -360,7 +360,7 @@ class RoleSession:
             wait=STS_RETRY_WAIT,
             retry=tenacity.retry_if_exception(_retryable),
             reraise=True,
-            **({"sleep": self._retry_sleep} if self._retry_sleep else {}),
+            sleep=self._retry_sleep or tenacity.nap.sleep,
         )
         for attempt in retrying:
             with attempt:

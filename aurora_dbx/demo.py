@@ -179,7 +179,8 @@ def _as_scientist(spark: Any, progress: _Progress, out: Callable[[str], None]) -
         accuracy = float(model.score(x, y))
         mlflow.log_metric("train_accuracy", accuracy)
     tags = {k: v for k, v in mlflow.get_run(run.info.run_id).data.tags.items() if k.startswith("aurora_dbx.")}
-    datasets = [d.dataset.name for d in mlflow.get_run(run.info.run_id).inputs.dataset_inputs]
+    inputs = mlflow.get_run(run.info.run_id).inputs
+    datasets = [d.dataset.name for d in (inputs.dataset_inputs if inputs else [])]
     out(f"    accuracy {accuracy:.3f}; run {run.info.run_id} lineage:")
     for k in sorted(tags):
         out(f"      {k} = {tags[k]}")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import AccessDenied, PolicyError
-from .identifiers import IdentifierError, TableName, parse_table
+from .identifiers import TableName, parse_table
 
 __all__ = [
     "Access",

@@ -258,7 +258,7 @@ def test_mysql_upsert_and_overwrite(world, env, spark):
     assert my.execute_admin(f"SELECT id, score FROM `{db}`.`scores` ORDER BY id") == [(1, 1.5), (2, 2.5), (9, 9.0)]
     aurora_dbx.write_table(df, f"{db}.scores", cluster="orders", mode="overwrite")
     assert my.execute_admin(f"SELECT id, score FROM `{db}`.`scores` ORDER BY id") == [(1, 1.5), (2, 2.5)]
-    assert my.execute_admin(f"SELECT count(*) FROM information_schema.tables WHERE table_name LIKE '\\_adbx\\_stage\\_%%'") == [(0,)]
+    assert my.execute_admin("SELECT count(*) FROM information_schema.tables WHERE table_name LIKE '\\_adbx\\_stage\\_%%'") == [(0,)]
 
 
 def test_schema_mismatch_fails_before_target_is_touched(world, env, spark):

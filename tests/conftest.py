@@ -161,7 +161,7 @@ def env(world: World, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture(scope="session")
-def spark(world: World):
+def spark(world: World, tmp_path_factory: pytest.TempPathFactory):
     """One local Spark session for the run, with the Debian JDBC drivers.
 
     ``local[2,4]``: two cores, and a failed task is retried (up to 4 attempts) as on a
@@ -180,6 +180,7 @@ def spark(world: World):
         .config("spark.ui.enabled", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.driver.memory", "2g")
+        .config("spark.sql.warehouse.dir", str(tmp_path_factory.mktemp("warehouse")))
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")

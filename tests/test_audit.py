@@ -424,21 +424,7 @@ def test_cli_table_sink_without_spark_is_a_one_line_error(
 # -- table sink on real local Spark ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def spark(tmp_path_factory):
-    pyspark = pytest.importorskip("pyspark.sql")
-    existing = pyspark.SparkSession.getActiveSession()
-    warehouse = tmp_path_factory.mktemp("warehouse")
-    session = existing or (
-        pyspark.SparkSession.builder.master("local[1]")
-        .config("spark.sql.warehouse.dir", str(warehouse))
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "1")
-        .getOrCreate()
-    )
-    yield session
-    if existing is None:
-        session.stop()
+# `spark` is the run's shared session (tests/conftest.py): one JVM, with the JDBC drivers.
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import types
@@ -303,3 +304,49 @@ def test_cli_unbound_principal_exits_nonzero(world: World, env, capsys):
     env(MALLORY)
     assert main(["check"]) == 1
     assert "no roles are bound" in capsys.readouterr().err
+
+
+def test_web_identity_base_credentials_then_role_chaining(world: World, env, tmp_path):
+    """OIDC: the token file is exchanged for the base role, which then assumes the mapped role."""
+    import copy
+
+    import yaml
+
+    env(ANALYST)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.pop(key, None)  # no static keys: only the OIDC token
+    token_file = tmp_path / "oidc-token"
+    token_file.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJkYXRhYnJpY2tzIn0.c2lnbmF0dXJl\n")
+    base = world.stack.create_role("aurora-dbx-oidc")
+    data = copy.deepcopy(world.policy)
+    data["credentials"] = {"source": "web_identity", "web_identity_token_file": str(token_file),
+                           "web_identity_role_arn": base}
+    path = tmp_path / "oidc.yaml"
+    path.write_text(yaml.safe_dump(data))
+    ctx = aurora_dbx.configure(policy=path)
+    with ctx.connect(cluster="analytics") as conn:
+        assert _current_user(conn) == "analyst_ro"
+    actions = [(r["Action"][0], r["RoleArn"][0]) for r in world.sts.assume_role_calls()]
+    assert actions == [("AssumeRoleWithWebIdentity", base), ("AssumeRole", world.roles["analyst-read"])]
+
+
+def test_token_provider_plugs_in_any_oidc_flow(world: World, env, tmp_path):
+    """A callable (e.g. an Okta client-credentials flow) replaces the token file."""
+    import copy
+
+    env(ANALYST)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.pop(key, None)
+    calls = []
+
+    def okta_client_credentials() -> str:
+        calls.append(1)
+        return "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJva3RhIn0.c2ln"
+
+    data = copy.deepcopy(world.policy)
+    data["credentials"] = {"source": "web_identity", "web_identity_token_file": "/nonexistent",
+                           "web_identity_role_arn": world.stack.create_role("aurora-dbx-okta")}
+    ctx = aurora_dbx.configure(policy=data, token_provider=okta_client_credentials)
+    with ctx.connect(cluster="analytics") as conn:
+        assert _current_user(conn) == "analyst_ro"
+    assert calls == [1]

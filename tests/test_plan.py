@@ -732,7 +732,7 @@ def test_mysql_write_user_writes_and_stages_in_its_database_only(my: Applied) ->
         _run(conn, f"DELETE FROM `{shop}`.`orders` WHERE id = 2")
         # write_table's stage-and-publish, statement for statement (aurora_dbx.spark_io)
         stage = f"`{shop}`.`_adbx_stage_1_ab`"
-        _run(conn, f"CREATE TABLE {stage} (_adbx_part INT NOT NULL, INDEX (_adbx_part)) "
+        _run(conn, f"CREATE TABLE {stage} (_adbx_part INT NOT NULL DEFAULT 0, INDEX (_adbx_part)) "
                    f"SELECT `id`, `total` FROM `{shop}`.`orders` WHERE 1=0")
         _run(conn, f"INSERT INTO {stage} (`id`, `total`, _adbx_part) VALUES (3, 30.00, 0)")
         _run(conn, f"SELECT count(*) FROM {stage}")

@@ -1,0 +1,1 @@
+"""Benchmarks of aurora_dbx against raw Spark JDBC and PostgreSQL COPY (see bench/README.md)."""

@@ -1,0 +1,817 @@
+"""Benchmark aurora_dbx reads, writes and the handshake against raw Spark JDBC and COPY.
+
+One process stands up the embedded local stack (PostgreSQL + MariaDB with Aurora-style IAM
+token auth, moto STS behind a recording proxy, a fake workspace API), seeds a mixed-type
+table on both engines, starts local Spark (``local[2]``), and measures every variant side
+by side: each repeat runs all variants of a group in turn (A, B, C, A, B, C, ...), and the
+report gives medians and ratios of those interleaved runs, never a single absolute number.
+
+    .venv/bin/python -m bench.run --rows 2000000 --repeats 3
+
+writes ``bench/RESULTS.md`` (and ``bench/results.json``) from the measurements. Must run
+as root (the local stack configures PAM). See ``bench/README.md`` for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+SP = "0b3e7c9a-bench-4000-8000-000000000001"
+SP_TOKEN = "dapi-bench-pipeline"
+PG_SCHEMA = "bench"
+SRC, DST = "wide", "wide_w"
+COLS = ["id", "qty", "amount", "score", "label", "day", "ts", "flag"]
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- memory -------------------------------------------------------------------------------
+
+
+def _ppid_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class MemorySampler:
+    """Peak of the summed RSS of this process and its descendants (the Spark JVM, the
+    PySpark daemon and Python workers), excluding the local stack's servers (they stand in
+    for Aurora). Sampled every ``interval`` s; the process tree is re-read every 0.5 s."""
+
+    def __init__(self, exclude: set[int], interval: float = 0.05):
+        self.exclude = exclude
+        self.interval = interval
+        self._pids: list[int] = []
+        self._tree_at = 0.0
+        self._lock = threading.Lock()
+        self.peak = 0
+        self.start_rss = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def pids(self) -> list[int]:
+        now = time.monotonic()
+        if now - self._tree_at > 0.5:
+            kids = _ppid_map()
+            out, todo = [], [os.getpid()]
+            while todo:
+                p = todo.pop()
+                if p in self.exclude:
+                    continue
+                out.append(p)
+                todo.extend(kids.get(p, []))
+            self._pids, self._tree_at = out, now
+        return self._pids
+
+    def total(self) -> int:
+        return sum(_rss_bytes(p) for p in self.pids())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            t = self.total()
+            with self._lock:
+                self.peak = max(self.peak, t)
+
+    @contextmanager
+    def measure(self) -> Any:
+        self._tree_at = 0.0
+        self.start_rss = self.peak = self.total()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.total())
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_mb: float
+    delta_mb: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Variant:
+    key: str
+    label: str
+    fn: Callable[[], dict[str, Any] | None]
+    before: Callable[[], None] | None = None
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self) -> float:
+        return statistics.median(r.seconds for r in self.runs)
+
+    def peak(self) -> float:
+        return statistics.median(r.peak_mb for r in self.runs)
+
+    def delta(self) -> float:
+        return statistics.median(r.delta_mb for r in self.runs)
+
+
+# -- the bench ----------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rows: int = args.rows
+        self.tmp = Path(tempfile.mkdtemp(prefix="aurora-dbx-bench-"))
+        self.stack: Any = None
+        self.sts: Any = None
+        self.spark: Any = None
+        self.ctx: Any = None
+        self.sampler: MemorySampler | None = None
+        self.groups: dict[str, list[Variant]] = {}
+        self.handshake: dict[str, Any] = {}
+        self.sts_calls: dict[str, Any] = {}
+        self.facts: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.write_df: Any = None
+        self.pg_csv: bytes = b""
+        self.my_tsv = Path("/dev/shm") / f"aurora-dbx-bench-{os.getpid()}.tsv"
+
+    # ---------------------------------------------------------------- set-up
+    def start(self) -> None:
+        import yaml
+
+        from aurora_dbx.local_stack import LocalStack
+        from tests.support.sts_proxy import StsProxy
+
+        t = time.perf_counter()
+        self.stack = LocalStack(engines=("postgresql", "mysql")).start()
+        stack = self.stack
+        log(f"stack up in {time.perf_counter() - t:.1f} s ({stack.dir})")
+        self.roles = {n: stack.create_role(f"bench-{n}") for n in ("pg-read", "pg-write", "my-read", "my-write")}
+        self.sts = StsProxy(stack.sts_endpoint)
+        pg, my = stack.postgres, stack.mysql
+        self.my_db = my.database
+        ca = str(stack.ca_bundle)
+        policy = {
+            "version": 1, "project": "bench",
+            "clusters": {
+                "analytics": {"engine": "postgresql", "host": pg.host, "port": pg.port, "database": pg.database,
+                              "region": "us-east-1", "resource_id": "cluster-BENCHPG000001", "tls": "verify-full",
+                              "ca_bundle": ca},
+                "orders": {"engine": "mysql", "host": my.host, "port": my.port, "database": my.database,
+                           "region": "us-east-1", "resource_id": "cluster-BENCHMY000001", "tls": "verify-full",
+                           "ca_bundle": ca},
+            },
+            "roles": {
+                "pg-read": {"cluster": "analytics", "iam_role_arn": self.roles["pg-read"], "db_user": "bench_ro",
+                            "access": "read", "tables": [f"{PG_SCHEMA}.*"]},
+                "pg-write": {"cluster": "analytics", "iam_role_arn": self.roles["pg-write"], "db_user": "bench_rw",
+                             "access": "write", "tables": [f"{PG_SCHEMA}.*"]},
+                "my-read": {"cluster": "orders", "iam_role_arn": self.roles["my-read"], "db_user": "bench_ro",
+                            "access": "read", "tables": [f"{my.database}.*"]},
+                "my-write": {"cluster": "orders", "iam_role_arn": self.roles["my-write"], "db_user": "bench_rw",
+                             "access": "write", "tables": [f"{my.database}.*"]},
+            },
+            "bindings": [{"service_principal": SP, "roles": ["pg-read", "pg-write", "my-read", "my-write"]}],
+            "audit": {"sink": "log"},
+        }
+        self.policy_path = self.tmp / "policy.yaml"
+        self.policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+        self._grants()
+        self._seed()
+        stack.add_databricks_principal(SP_TOKEN, user_name=SP, kind="service_principal", display_name="bench")
+        os.environ.update(stack.environ())
+        os.environ["AWS_ENDPOINT_URL_STS"] = self.sts.url
+        os.environ["DATABRICKS_TOKEN"] = SP_TOKEN
+        os.environ["AURORA_DBX_POLICY"] = str(self.policy_path)
+        os.environ["HOME"] = str(self.tmp)  # no ~/.databrickscfg or ~/.aws of the machine
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        self._spark()
+        import aurora_dbx
+
+        self.ctx = aurora_dbx.configure(spark=self.spark)
+        self.sampler = MemorySampler(exclude=set(stack.pids()))
+
+    def _grants(self) -> None:
+        pg, my = self.stack.postgres, self.stack.mysql
+        for user in ("bench_ro", "bench_rw"):
+            pg.create_iam_user(user)
+            my.create_iam_user(user)
+        pg.execute_admin(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}")
+        pg.execute_admin(f"GRANT USAGE ON SCHEMA {PG_SCHEMA} TO bench_ro, bench_rw")
+        pg.execute_admin(f"GRANT CREATE ON SCHEMA {PG_SCHEMA} TO bench_rw")
+        pg.execute_admin(f"ALTER DEFAULT PRIVILEGES IN SCHEMA {PG_SCHEMA} GRANT SELECT ON TABLES TO bench_ro")
+        pg.execute_admin(f"ALTER DEFAULT PRIVILEGES IN SCHEMA {PG_SCHEMA} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO bench_rw")
+        my.execute_admin(f"GRANT SELECT ON `{my.database}`.* TO 'bench_ro'@'%'")
+        my.execute_admin(f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP ON `{my.database}`.* TO 'bench_rw'@'%'")
+        self.stack.allow(self.roles["pg-read"], "bench_ro", "postgresql")
+        self.stack.allow(self.roles["pg-write"], "bench_rw", "postgresql")
+        self.stack.allow(self.roles["my-read"], "bench_ro", "mysql")
+        self.stack.allow(self.roles["my-write"], "bench_rw", "mysql")
+        # The stack's MariaDB is sized for tests (32 MB buffer pool, 8 MB redo log); Aurora's
+        # are sized to the instance. Give InnoDB room for the bench tables (both are dynamic).
+        for stmt in (f"SET GLOBAL innodb_buffer_pool_size = {self.args.mariadb_buffer_pool_mb << 20}",
+                     "SET GLOBAL innodb_log_file_size = 512 * 1024 * 1024"):
+            try:
+                my.execute_admin(stmt)
+            except Exception as e:  # noqa: BLE001
+                self.notes.append(f"MariaDB: `{stmt}` failed ({e})")
+        time.sleep(1)
+        self.facts["mariadb_settings"] = dict(my.execute_admin(
+            "SELECT variable_name, variable_value FROM information_schema.global_variables WHERE variable_name IN "
+            "('INNODB_BUFFER_POOL_SIZE', 'INNODB_LOG_FILE_SIZE', 'INNODB_FLUSH_LOG_AT_TRX_COMMIT', 'INNODB_FLUSH_METHOD')"))
+        self.facts["postgres_settings"] = dict(pg.execute_admin(
+            "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN "
+            "('shared_buffers', 'fsync', 'synchronous_commit', 'max_wal_size', 'work_mem')"))
+
+    def _seed(self) -> None:
+        """The same rows on both engines, from deterministic SQL (no random())."""
+        n = self.rows
+        pg, my = self.stack.postgres, self.stack.mysql
+        t = time.perf_counter()
+        cols = """(id bigint PRIMARY KEY, qty integer NOT NULL, amount numeric(12,2), score double precision NOT NULL,
+                   label text, day date NOT NULL, ts timestamptz NOT NULL, flag boolean NOT NULL)"""
+        pg.execute_admin(f"CREATE TABLE {PG_SCHEMA}.{SRC} {cols}")
+        pg.execute_admin(f"CREATE TABLE {PG_SCHEMA}.{DST} {cols}")
+        pg.execute_admin(f"""INSERT INTO {PG_SCHEMA}.{SRC}
+            SELECT g, (g * 7919) % 100000,
+                   CASE WHEN g % 50 = 0 THEN NULL ELSE ((g * 104729) % 10000000) / 100.0 END,
+                   (((g * 15485863) % 1000003) / 7.0)::double precision,
+                   CASE WHEN g % 97 = 0 THEN NULL ELSE 'cust-' || left(md5(g::text), 15) END,
+                   date '2020-01-01' + (g % 1500)::int,
+                   timestamptz '2020-01-01 00:00:00+00' + (g * 37) * interval '1 second' + ((g * 13) % 1000000) * interval '1 microsecond',
+                   g % 3 = 0
+            FROM generate_series(1::bigint, {n}::bigint) g""")
+        pg.execute_admin(f"VACUUM (ANALYZE, FREEZE) {PG_SCHEMA}.{SRC}")  # hint bits set now, not in run 1
+        log(f"seeded PostgreSQL {n:,} rows in {time.perf_counter() - t:.1f} s")
+        t = time.perf_counter()
+        db = my.database
+        mcols = """(id BIGINT PRIMARY KEY, qty INT NOT NULL, amount DECIMAL(12,2), score DOUBLE NOT NULL,
+                    label VARCHAR(32), day DATE NOT NULL, ts TIMESTAMP(6) NOT NULL, flag BOOLEAN NOT NULL)"""
+        my.execute_admin(f"CREATE TABLE `{db}`.`{SRC}` {mcols}")
+        my.execute_admin(f"CREATE TABLE `{db}`.`{DST}` {mcols}")
+        conn = my.admin_connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET time_zone = '+00:00'")
+                cur.execute(f"""INSERT INTO `{db}`.`{SRC}`
+                    SELECT seq, (seq * 7919) % 100000,
+                           IF(seq % 50 = 0, NULL, ((seq * 104729) % 10000000) / 100),
+                           ((seq * 15485863) % 1000003) / 7e0,
+                           IF(seq % 97 = 0, NULL, CONCAT('cust-', LEFT(MD5(seq), 15))),
+                           DATE '2020-01-01' + INTERVAL (seq % 1500) DAY,
+                           TIMESTAMP '2020-01-01 00:00:00' + INTERVAL (seq * 37 * 1000000 + (seq * 13) % 1000000) MICROSECOND,
+                           seq % 3 = 0
+                    FROM seq_1_to_{n}""")
+                cur.execute(f"ANALYZE TABLE `{db}`.`{SRC}`")
+                cur.fetchall()
+                # The LOAD DATA limit's input: the same rows in LOAD DATA's default format.
+                self.my_tsv.unlink(missing_ok=True)
+                cur.execute(f"SELECT {', '.join(COLS)} INTO OUTFILE '{self.my_tsv}' FROM `{db}`.`{SRC}`")
+        finally:
+            conn.close()
+        log(f"seeded MariaDB {n:,} rows in {time.perf_counter() - t:.1f} s")
+        # The COPY FROM limit's input: the same rows as PostgreSQL CSV, in memory.
+        conn = pg.admin_connect()
+        try:
+            buf = bytearray()
+            with conn.cursor() as cur, cur.copy(
+                f"COPY {PG_SCHEMA}.{SRC} ({', '.join(COLS)}) TO STDOUT WITH (FORMAT csv)"
+            ) as copy:
+                for chunk in copy:
+                    buf += chunk
+            self.pg_csv = bytes(buf)
+        finally:
+            conn.close()
+        self.facts["csv_mb"] = len(self.pg_csv) / 1e6
+
+    def _spark(self) -> None:
+        from pyspark.sql import SparkSession
+
+        t = time.perf_counter()
+        self.spark = (
+            SparkSession.builder.master("local[2]").appName("aurora-dbx-bench")
+            .config("spark.jars", ",".join(self.stack.jdbc_jars()))
+            .config("spark.driver.memory", self.args.driver_memory)
+            .config("spark.ui.enabled", "false")
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.sql.shuffle.partitions", "2")
+            .getOrCreate()
+        )
+        self.spark.sparkContext.setLogLevel("ERROR")
+        log(f"Spark up in {time.perf_counter() - t:.1f} s")
+
+    def stop(self) -> None:
+        if self.spark is not None:
+            self.spark.stop()
+        if self.sts is not None:
+            self.sts.close()
+        if self.stack is not None:
+            self.stack.stop()
+        self.my_tsv.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- helpers
+    def role(self, name: str) -> Any:
+        return self.ctx.policy.roles[name]
+
+    def token(self, role: str) -> str:
+        return self.ctx.token_source(self.role(role))(False).value
+
+    def jdbc(self, engine: str, role: str) -> tuple[str, dict[str, str]]:
+        """URL and the minimum properties: driver, login, TLS as the library uses it."""
+        user = self.role(role).db_user
+        ca = str(self.stack.ca_bundle)
+        if engine == "pg":
+            pg = self.stack.postgres
+            return (f"jdbc:postgresql://{pg.host}:{pg.port}/{pg.database}",
+                    {"driver": "org.postgresql.Driver", "user": user, "password": self.token(role),
+                     "sslmode": "verify-full", "sslrootcert": ca})
+        my = self.stack.mysql
+        return (f"jdbc:mysql://{my.host}:{my.port}/{my.database}",
+                {"driver": "org.mariadb.jdbc.Driver", "user": user, "password": self.token(role),
+                 "useSsl": "true", "serverSslCert": ca})
+
+    def table(self, engine: str, name: str) -> str:
+        return f"{PG_SCHEMA}.{name}" if engine == "pg" else f"{self.my_db}.{name}"
+
+    def pg_connect(self, role: str) -> Any:
+        from aurora_dbx.connections import open_connection
+        from aurora_dbx.engines import dialect_for
+
+        r = self.role(role)
+        cluster = self.ctx.policy.clusters[r.cluster]
+        return open_connection(dialect_for(cluster), cluster, r.db_user, self.ctx.token_source(r),
+                               read_only=r.access == "read", tags={"project": "bench"})
+
+    def admin(self, engine: str, sql: str) -> list[tuple[Any, ...]]:
+        db = self.stack.postgres if engine == "pg" else self.stack.mysql
+        return db.execute_admin(sql)
+
+    def count(self, engine: str, name: str) -> int:
+        q = f"SELECT count(*) FROM {self.table(engine, name)}"
+        return int(self.admin(engine, q)[0][0])
+
+    def truncate(self, engine: str) -> None:
+        self.admin(engine, f"TRUNCATE TABLE {self.table(engine, DST)}")
+        if engine == "pg":
+            self.admin("pg", "CHECKPOINT")
+
+    def quiesce(self) -> None:
+        gc.collect()
+        try:
+            self.spark._jvm.java.lang.System.gc()
+        except Exception:  # noqa: BLE001
+            pass
+        time.sleep(0.3)
+
+    def measure(self, v: Variant) -> Run:
+        if v.before is not None:
+            v.before()
+        self.quiesce()
+        assert self.sampler is not None
+        with self.sampler.measure() as m:
+            t = time.perf_counter()
+            extra = v.fn() or {}
+            seconds = time.perf_counter() - t
+        run = Run(seconds, m.peak / 2**20, (m.peak - m.start_rss) / 2**20, extra)
+        v.runs.append(run)
+        return run
+
+    def interleave(self, group: str, variants: list[Variant], repeats: int,
+                   check: Callable[[Variant], None] | None = None) -> None:
+        self.groups[group] = variants
+        for r in range(repeats):
+            for v in variants:
+                run = self.measure(v)
+                if check is not None:
+                    check(v)
+                log(f"{group} #{r + 1} {v.key:<22} {run.seconds:8.2f} s  peak {run.peak_mb:7.0f} MB "
+                    f"(+{run.delta_mb:.0f})")
+
+    # ---------------------------------------------------------------- reads
+    def read_variants(self) -> list[Variant]:
+        import aurora_dbx
+
+        n = self.rows
+
+        def noop(df: Any) -> None:
+            df.write.format("noop").mode("overwrite").save()
+
+        def aurora(engine: str) -> Callable[[], None]:
+            return lambda: noop(aurora_dbx.read_table(self.table(engine, SRC)))
+
+        def jdbc_default(engine: str) -> Callable[[], None]:
+            def run() -> None:
+                url, props = self.jdbc(engine, f"{engine}-read")
+                noop(self.spark.read.jdbc(url, self.table(engine, SRC), properties=props))
+            return run
+
+        def jdbc_tuned(engine: str) -> Callable[[], None]:
+            def run() -> None:
+                url, props = self.jdbc(engine, f"{engine}-read")
+                noop(self.spark.read.jdbc(url, self.table(engine, SRC), column="id", lowerBound=1, upperBound=n,
+                                          numPartitions=2, properties={**props, "fetchsize": "10000"}))
+            return run
+
+        return [
+            Variant("aurora_pg", "read_table (PostgreSQL)", aurora("pg")),
+            Variant("jdbc_default_pg", "Spark JDBC defaults (PostgreSQL)", jdbc_default("pg")),
+            Variant("jdbc_tuned_pg", "Spark JDBC tuned (PostgreSQL)", jdbc_tuned("pg")),
+            Variant("copy_raw_pg", "COPY TO STDOUT, count bytes, 1 stream", lambda: self.copy_out(1, False)),
+            Variant("copy_raw_pg_x2", "COPY TO STDOUT, count bytes, 2 streams", lambda: self.copy_out(2, False)),
+            Variant("copy_arrow_pg", "COPY TO STDOUT -> Arrow, 1 stream", lambda: self.copy_out(1, True)),
+            Variant("copy_arrow_pg_x2", "COPY TO STDOUT -> Arrow, 2 streams", lambda: self.copy_out(2, True)),
+            Variant("aurora_my", "read_table (MariaDB)", aurora("my")),
+            Variant("jdbc_default_my", "Spark JDBC defaults (MariaDB)", jdbc_default("my")),
+            Variant("jdbc_tuned_my", "Spark JDBC tuned (MariaDB)", jdbc_tuned("my")),
+            Variant("pymysql_raw_my", "PyMySQL unbuffered fetch, 1 stream", lambda: self.pymysql_out(1)),
+            Variant("pymysql_raw_my_x2", "PyMySQL unbuffered fetch, 2 streams", lambda: self.pymysql_out(2)),
+        ]
+
+    def _halves(self, streams: int) -> list[str]:
+        if streams == 1:
+            return ["true"]
+        mid = self.rows // 2
+        return [f"id <= {mid}", f"id > {mid}"]
+
+    def copy_out(self, streams: int, arrow: bool) -> dict[str, Any]:
+        """The limit: psycopg COPY of the whole table; optionally parsed into Arrow batches."""
+        results: list[tuple[int, int]] = [(0, 0)] * streams
+        errors: list[BaseException] = []
+        select = ("id, qty, amount, score, label, day, (ts AT TIME ZONE 'UTC') AS ts, flag")
+
+        def one(i: int, pred: str) -> None:
+            try:
+                conn = self.pg_connect("pg-read")
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("SET TimeZone = 'UTC'")
+                        sql = f"COPY (SELECT {select} FROM {PG_SCHEMA}.{SRC} WHERE {pred}) TO STDOUT WITH (FORMAT csv, NULL '\\N')"
+                        with cur.copy(sql) as copy:
+                            results[i] = _arrow_rows(copy) if arrow else _count_bytes(copy)
+                    conn.rollback()
+                finally:
+                    conn.close()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        _fan_out(one, self._halves(streams))
+        if errors:
+            raise errors[0]
+        rows = sum(r[0] for r in results)
+        if arrow and rows != self.rows:
+            raise AssertionError(f"COPY -> Arrow read {rows} rows, expected {self.rows}")
+        return {"bytes": sum(r[1] for r in results), "rows": rows}
+
+    def pymysql_out(self, streams: int) -> dict[str, Any]:
+        """MariaDB's counterpart of the driver limit: PyMySQL's unbuffered cursor, rows discarded."""
+        import pymysql.cursors
+
+        from aurora_dbx.connections import open_connection
+        from aurora_dbx.engines import dialect_for
+
+        counts = [0] * streams
+        errors: list[BaseException] = []
+        r = self.role("my-read")
+        cluster = self.ctx.policy.clusters[r.cluster]
+
+        def one(i: int, pred: str) -> None:
+            try:
+                conn = open_connection(dialect_for(cluster), cluster, r.db_user, self.ctx.token_source(r),
+                                       read_only=True, tags={"project": "bench"})
+                try:
+                    with conn.cursor(pymysql.cursors.SSCursor) as cur:
+                        cur.execute(f"SELECT {', '.join(COLS)} FROM `{self.my_db}`.`{SRC}` WHERE {pred}")
+                        while True:
+                            rows = cur.fetchmany(10_000)
+                            if not rows:
+                                break
+                            counts[i] += len(rows)
+                finally:
+                    conn.close()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        _fan_out(one, self._halves(streams))
+        if errors:
+            raise errors[0]
+        if sum(counts) != self.rows:
+            raise AssertionError(f"PyMySQL read {sum(counts)} rows, expected {self.rows}")
+        return {"rows": sum(counts)}
+
+    def run_reads(self) -> None:
+        import aurora_dbx
+
+        # Warm up (JIT, Python workers, drivers) and check every path returns every row.
+        for engine in ("pg", "my"):
+            got = aurora_dbx.read_table(self.table(engine, SRC)).count()
+            if got != self.rows:
+                raise AssertionError(f"read_table({engine}) counted {got} rows, expected {self.rows}")
+            url, props = self.jdbc(engine, f"{engine}-read")
+            got = self.spark.read.jdbc(url, self.table(engine, SRC), column="id", lowerBound=1, upperBound=self.rows,
+                                       numPartitions=2, properties={**props, "fetchsize": "10000"}).count()
+            if got != self.rows:
+                raise AssertionError(f"Spark JDBC ({engine}) counted {got} rows, expected {self.rows}")
+        self.interleave("reads", self.read_variants(), self.args.repeats)
+
+    # ---------------------------------------------------------------- writes
+    def write_variants(self) -> list[Variant]:
+        import aurora_dbx
+
+        def wt(engine: str, mode: str) -> Callable[[], dict[str, Any]]:
+            def run() -> dict[str, Any]:
+                kw = {"key": ["id"]} if mode == "upsert" else {}
+                return {"rows": aurora_dbx.write_table(self.write_df, self.table(engine, DST), mode=mode, **kw)}
+            return run
+
+        def jdbc_default(engine: str) -> Callable[[], None]:
+            def run() -> None:
+                url, props = self.jdbc(engine, f"{engine}-write")
+                self.write_df.write.jdbc(url, self.table(engine, DST), mode="append", properties=props)
+            return run
+
+        def trunc(engine: str) -> Callable[[], None]:
+            return lambda: self.truncate(engine)
+
+        def prefilled(engine: str) -> Callable[[], None]:
+            def check() -> None:  # upsert over a target that already holds every key: N updates
+                if self.count(engine, DST) != self.rows:
+                    self.truncate(engine)
+                    wt(engine, "append")()
+                if engine == "pg":
+                    self.admin("pg", f"VACUUM {PG_SCHEMA}.{DST}")
+                    self.admin("pg", "CHECKPOINT")
+            return check
+
+        return [
+            Variant("aurora_append_pg", "write_table append (PostgreSQL)", wt("pg", "append"), trunc("pg")),
+            Variant("aurora_upsert_pg", "write_table upsert, all keys exist (PostgreSQL)", wt("pg", "upsert"), prefilled("pg")),
+            Variant("jdbc_default_pg", "Spark JDBC append defaults (PostgreSQL)", jdbc_default("pg"), trunc("pg")),
+            Variant("copy_in_pg", "COPY FROM STDIN, 1 stream", lambda: self.copy_in(1), trunc("pg")),
+            Variant("copy_in_pg_x2", "COPY FROM STDIN, 2 streams", lambda: self.copy_in(2), trunc("pg")),
+            Variant("aurora_append_my", "write_table append (MariaDB)", wt("my", "append"), trunc("my")),
+            Variant("aurora_upsert_my", "write_table upsert, all keys exist (MariaDB)", wt("my", "upsert"), prefilled("my")),
+            Variant("jdbc_default_my", "Spark JDBC append defaults (MariaDB)", jdbc_default("my"), trunc("my")),
+            Variant("load_data_my", "LOAD DATA LOCAL INFILE, 1 stream", self.load_data, trunc("my")),
+        ]
+
+    def copy_in(self, streams: int) -> dict[str, Any]:
+        """The limit: psycopg COPY FROM STDIN of the pre-generated CSV, in one transaction per stream."""
+        data = memoryview(self.pg_csv)
+        if streams == 1:
+            parts = [data]
+        else:
+            cut = self.pg_csv.index(b"\n", len(self.pg_csv) // 2) + 1
+            parts = [data[:cut], data[cut:]]
+        errors: list[BaseException] = []
+
+        def one(_i: int, part: memoryview) -> None:
+            try:
+                conn = self.pg_connect("pg-write")
+                try:
+                    with conn.cursor() as cur, cur.copy(
+                        f"COPY {PG_SCHEMA}.{DST} ({', '.join(COLS)}) FROM STDIN WITH (FORMAT csv)"
+                    ) as copy:
+                        for start in range(0, len(part), 1 << 20):
+                            copy.write(part[start : start + (1 << 20)])
+                    conn.commit()
+                finally:
+                    conn.close()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        _fan_out(one, parts)
+        if errors:
+            raise errors[0]
+        return {}
+
+    def load_data(self) -> dict[str, Any]:
+        """MariaDB's limit: LOAD DATA LOCAL INFILE over the same TLS login as the library."""
+        import ssl
+
+        import pymysql
+
+        r = self.role("my-write")
+        my = self.stack.mysql
+        conn = pymysql.connect(host=my.host, port=my.port, user=r.db_user, password=self.token("my-write"),
+                               database=my.database, ssl=ssl.create_default_context(cafile=str(self.stack.ca_bundle)),
+                               local_infile=True, autocommit=False)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET time_zone = '+00:00'")
+                cur.execute(f"LOAD DATA LOCAL INFILE '{self.my_tsv}' INTO TABLE `{DST}` ({', '.join(COLS)})")
+            conn.commit()
+        finally:
+            conn.close()
+        return {}
+
+    def run_writes(self) -> None:
+        import aurora_dbx
+
+        # The DataFrame to write: the source table, read once and cached in Spark memory.
+        self.write_df = aurora_dbx.read_table(self.table("pg", SRC)).cache()
+        if self.write_df.count() != self.rows:
+            raise AssertionError("cached write DataFrame has the wrong row count")
+        self.facts["write_df_partitions"] = self.write_df.rdd.getNumPartitions()
+        variants = self.write_variants()
+
+        def check(v: Variant) -> None:
+            engine = "pg" if v.key.endswith(("_pg", "_pg_x2")) else "my"
+            got = self.count(engine, DST)
+            if got != self.rows:
+                raise AssertionError(f"{v.key}: target holds {got} rows, expected {self.rows}")
+
+        self.interleave("writes", variants, self.args.write_repeats or self.args.repeats, check)
+        self.write_df.unpersist()
+
+    # ---------------------------------------------------------------- handshake
+    def run_handshake(self) -> None:
+        import aurora_dbx
+
+        warm_n, cold_n = self.args.handshake_warm, self.args.handshake_cold
+        out: dict[str, Any] = {}
+        for engine in ("pg", "my"):
+            table = self.table(engine, SRC)
+            jdbc_ms, warm_ms, cold_ms = [], [], []
+
+            def raw() -> float:
+                url, props = self.jdbc(engine, f"{engine}-read")  # token minted before the clock starts
+                t = time.perf_counter()
+                self.spark.read.jdbc(url, table, properties=props)
+                return (time.perf_counter() - t) * 1000
+
+            def warm() -> float:
+                t = time.perf_counter()
+                aurora_dbx.read_table(table)
+                return (time.perf_counter() - t) * 1000
+
+            def cold() -> float:
+                t = time.perf_counter()
+                aurora_dbx.configure(spark=self.spark)
+                aurora_dbx.read_table(table)
+                return (time.perf_counter() - t) * 1000
+
+            raw(), warm()  # first-call costs of this engine's paths
+            for i in range(max(warm_n, cold_n)):
+                jdbc_ms.append(raw())
+                if i < cold_n:
+                    cold_ms.append(cold())  # leaves a fresh context behind: the next warm() uses it
+                warm_ms.append(warm())
+            jm, wm, cm = (statistics.median(x) for x in (jdbc_ms, warm_ms, cold_ms))
+            out[engine] = {"jdbc_ms": jm, "warm_ms": wm, "cold_ms": cm, "warm_over_ms": wm - jm,
+                           "cold_over_ms": cm - jm, "n_warm": len(warm_ms), "n_cold": len(cold_ms)}
+            log(f"handshake {engine}: jdbc planning {jm:.1f} ms, warm read_table {wm:.1f} ms, cold {cm:.1f} ms")
+        self.ctx = aurora_dbx.configure(spark=self.spark)
+        self.handshake = out
+
+    def run_sts(self) -> None:
+        import aurora_dbx
+
+        n = self.args.sts_reads
+        self.ctx = aurora_dbx.configure(spark=self.spark)
+        self.sts.reset()
+        t = time.perf_counter()
+        for i in range(n):
+            aurora_dbx.read_table(self.table("pg" if i % 2 == 0 else "my", SRC))
+        elapsed = time.perf_counter() - t
+        per_role = {name: len(self.sts.assume_role_calls(arn)) for name, arn in self.roles.items()}
+        self.sts_calls = {"reads": n, "per_role": per_role, "total": len(self.sts.assume_role_calls()),
+                          "seconds": elapsed}
+        log(f"STS AssumeRole calls for {n} read_table() calls (alternating engines): {per_role}")
+
+    # ---------------------------------------------------------------- facts
+    def machine(self) -> dict[str, Any]:
+        import psycopg
+        import pyarrow
+        import pymysql
+        import pyspark
+
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), "?")
+        mem = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/meminfo").read_text().splitlines()
+                    if ln.startswith("MemTotal")), "?")
+        java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()
+        return {
+            "nproc": os.cpu_count(), "cpu": cpu, "mem_total": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "spark": pyspark.__version__, "java": java[0] if java else "?",
+            "postgresql": self.admin("pg", "SHOW server_version")[0][0],
+            "mariadb": self.admin("my", "SELECT VERSION()")[0][0],
+            "jdbc_drivers": [Path(j).name for j in self.stack.jdbc_jars()],
+            "psycopg": psycopg.__version__, "psycopg_impl": psycopg.pq.__impl__, "pymysql": pymysql.__version__,
+            "pyarrow": pyarrow.__version__, "load_avg_start": self.facts.get("load_start"),
+            "load_avg_end": os.getloadavg(),
+        }
+
+
+# -- stream helpers ---------------------------------------------------------------------------
+
+
+def _fan_out(fn: Callable[[int, Any], None], parts: list[Any]) -> None:
+    if len(parts) == 1:
+        fn(0, parts[0])
+        return
+    threads = [threading.Thread(target=fn, args=(i, p)) for i, p in enumerate(parts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _count_bytes(copy: Any) -> tuple[int, int]:
+    n = rows = 0
+    for chunk in copy:
+        n += len(chunk)
+    return rows, n
+
+
+class _Chunks(io.RawIOBase):
+    """COPY chunks (one per row) as a readable stream, regrouped into large reads."""
+
+    def __init__(self, copy: Any):
+        self._it = iter(copy)
+        self._buf = b""
+        self._pos = 0
+        self.nbytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._pos >= len(self._buf):
+            parts, size = [], 0
+            for chunk in self._it:
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= 1 << 20:
+                    break
+            if not parts:
+                return 0
+            self._buf, self._pos = b"".join(parts), 0
+            self.nbytes += size
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+def _arrow_rows(copy: Any) -> tuple[int, int]:
+    import pyarrow as pa
+    from pyarrow import csv
+
+    types = {"id": pa.int64(), "qty": pa.int32(), "amount": pa.decimal128(12, 2), "score": pa.float64(),
+             "label": pa.string(), "day": pa.date32(), "ts": pa.timestamp("us"), "flag": pa.bool_()}
+    src = _Chunks(copy)
+    stream = io.BufferedReader(src, buffer_size=1 << 20)
+    reader = csv.open_csv(
+        stream,
+        read_options=csv.ReadOptions(column_names=COLS, block_size=4 << 20, use_threads=False),
+        parse_options=csv.ParseOptions(newlines_in_values=True),
+        convert_options=csv.ConvertOptions(column_types=types, null_values=["\\N"], strings_can_be_null=True,
+                                           quoted_strings_can_be_null=False, true_values=["t"], false_values=["f"]),
+    )
+    rows = 0
+    for batch in reader:
+        rows += batch.num_rows
+    return rows, src.nbytes

@@ -19,6 +19,10 @@ _PATTERNS = [
     re.compile(r"(X-Amz-(?:Security-Token|Signature|Credential)=)[^&\s'\"]+"),
     # Authorization headers and bearer tokens
     re.compile(r"((?:Bearer|bearer|Basic)\s+)[A-Za-z0-9._~+/=-]{8,}"),
+    # STS responses as botocore logs them at DEBUG (XML body)
+    re.compile(r"(<(?:SecretAccessKey|SessionToken)>)[^<]+"),
+    # SigV4 signatures botocore logs at DEBUG while signing (a token's last part)
+    re.compile(r"(Signature:\s*)[0-9a-f]{64}"),
     # AWS secret access keys / session tokens printed as key=value or JSON
     re.compile(r"((?:aws_)?(?:secret_access_key|secret_key|session_token|SecretAccessKey|SessionToken|password)[\"']?\s*[:=]\s*[\"']?)[^\s,'\"}]+", re.I),
 ]

@@ -35,7 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
-SP = "0b3e7c9a-bench-4000-8000-000000000001"
+SP = "0b3e7c9a-5eed-4000-8000-000000000001"
 SP_TOKEN = "dapi-bench-pipeline"
 PG_SCHEMA = "bench"
 SRC, DST = "wide", "wide_w"
@@ -252,8 +252,19 @@ class Bench:
         self.stack.allow(self.roles["my-write"], "bench_rw", "mysql")
         # The stack's MariaDB is sized for tests (32 MB buffer pool, 8 MB redo log); Aurora's
         # are sized to the instance. Give InnoDB room for the bench tables (both are dynamic).
-        for stmt in (f"SET GLOBAL innodb_buffer_pool_size = {self.args.mariadb_buffer_pool_mb << 20}",
-                     "SET GLOBAL innodb_log_file_size = 512 * 1024 * 1024"):
+        settings = [f"SET GLOBAL innodb_buffer_pool_size = {self.args.mariadb_buffer_pool_mb << 20}",
+                    "SET GLOBAL innodb_log_file_size = 512 * 1024 * 1024"]
+        if self.args.mariadb_isolation:
+            # write_table's MariaDB tasks deadlock with each other under the default
+            # REPEATABLE-READ (gap locks of the per-partition DELETE on the shared stage
+            # table; see bench/ANALYSIS.md): READ-COMMITTED lets the bench measure them.
+            settings.append(f"SET GLOBAL tx_isolation = '{self.args.mariadb_isolation}'")
+            self.notes.append(
+                f"MariaDB runs with `tx_isolation = {self.args.mariadb_isolation}` (server default: REPEATABLE-READ): "
+                "under REPEATABLE-READ, `write_table` on MariaDB with 2 concurrent tasks fails with "
+                "`1213 Deadlock found` (every attempt while developing this bench); see the analysis below. "
+                "`--mariadb-isolation ''` keeps the server default.")
+        for stmt in settings:
             try:
                 my.execute_admin(stmt)
             except Exception as e:  # noqa: BLE001
@@ -261,7 +272,8 @@ class Bench:
         time.sleep(1)
         self.facts["mariadb_settings"] = dict(my.execute_admin(
             "SELECT variable_name, variable_value FROM information_schema.global_variables WHERE variable_name IN "
-            "('INNODB_BUFFER_POOL_SIZE', 'INNODB_LOG_FILE_SIZE', 'INNODB_FLUSH_LOG_AT_TRX_COMMIT', 'INNODB_FLUSH_METHOD')"))
+            "('INNODB_BUFFER_POOL_SIZE', 'INNODB_LOG_FILE_SIZE', 'INNODB_FLUSH_LOG_AT_TRX_COMMIT', 'INNODB_FLUSH_METHOD', "
+            "'TX_ISOLATION')"))
         self.facts["postgres_settings"] = dict(pg.execute_admin(
             "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN "
             "('shared_buffers', 'fsync', 'synchronous_commit', 'max_wal_size', 'work_mem')"))
@@ -338,6 +350,7 @@ class Bench:
             .config("spark.ui.enabled", "false")
             .config("spark.sql.session.timeZone", "UTC")
             .config("spark.sql.shuffle.partitions", "2")
+            .config("spark.ui.showConsoleProgress", "false")
             .getOrCreate()
         )
         self.spark.sparkContext.setLogLevel("ERROR")
@@ -372,6 +385,10 @@ class Bench:
         return (f"jdbc:mysql://{my.host}:{my.port}/{my.database}",
                 {"driver": "org.mariadb.jdbc.Driver", "user": user, "password": self.token(role),
                  "useSsl": "true", "serverSslCert": ca})
+
+    @staticmethod
+    def cluster(engine: str) -> str:
+        return "analytics" if engine == "pg" else "orders"
 
     def table(self, engine: str, name: str) -> str:
         return f"{PG_SCHEMA}.{name}" if engine == "pg" else f"{self.my_db}.{name}"
@@ -440,7 +457,7 @@ class Bench:
             df.write.format("noop").mode("overwrite").save()
 
         def aurora(engine: str) -> Callable[[], None]:
-            return lambda: noop(aurora_dbx.read_table(self.table(engine, SRC)))
+            return lambda: noop(aurora_dbx.read_table(self.table(engine, SRC), cluster=self.cluster(engine)))
 
         def jdbc_default(engine: str) -> Callable[[], None]:
             def run() -> None:
@@ -546,7 +563,7 @@ class Bench:
 
         # Warm up (JIT, Python workers, drivers) and check every path returns every row.
         for engine in ("pg", "my"):
-            got = aurora_dbx.read_table(self.table(engine, SRC)).count()
+            got = aurora_dbx.read_table(self.table(engine, SRC), cluster=self.cluster(engine)).count()
             if got != self.rows:
                 raise AssertionError(f"read_table({engine}) counted {got} rows, expected {self.rows}")
             url, props = self.jdbc(engine, f"{engine}-read")
@@ -563,7 +580,7 @@ class Bench:
         def wt(engine: str, mode: str) -> Callable[[], dict[str, Any]]:
             def run() -> dict[str, Any]:
                 kw = {"key": ["id"]} if mode == "upsert" else {}
-                return {"rows": aurora_dbx.write_table(self.write_df, self.table(engine, DST), mode=mode, **kw)}
+                return {"rows": aurora_dbx.write_table(self.write_df, self.table(engine, DST), mode=mode, cluster=self.cluster(engine), **kw)}
             return run
 
         def jdbc_default(engine: str) -> Callable[[], None]:
@@ -651,7 +668,7 @@ class Bench:
         import aurora_dbx
 
         # The DataFrame to write: the source table, read once and cached in Spark memory.
-        self.write_df = aurora_dbx.read_table(self.table("pg", SRC)).cache()
+        self.write_df = aurora_dbx.read_table(self.table("pg", SRC), cluster="analytics").cache()
         if self.write_df.count() != self.rows:
             raise AssertionError("cached write DataFrame has the wrong row count")
         self.facts["write_df_partitions"] = self.write_df.rdd.getNumPartitions()
@@ -684,13 +701,13 @@ class Bench:
 
             def warm() -> float:
                 t = time.perf_counter()
-                aurora_dbx.read_table(table)
+                aurora_dbx.read_table(table, cluster=self.cluster(engine))
                 return (time.perf_counter() - t) * 1000
 
             def cold() -> float:
                 t = time.perf_counter()
                 aurora_dbx.configure(spark=self.spark)
-                aurora_dbx.read_table(table)
+                aurora_dbx.read_table(table, cluster=self.cluster(engine))
                 return (time.perf_counter() - t) * 1000
 
             raw(), warm()  # first-call costs of this engine's paths
@@ -714,7 +731,8 @@ class Bench:
         self.sts.reset()
         t = time.perf_counter()
         for i in range(n):
-            aurora_dbx.read_table(self.table("pg" if i % 2 == 0 else "my", SRC))
+            eng = "pg" if i % 2 == 0 else "my"
+            aurora_dbx.read_table(self.table(eng, SRC), cluster=self.cluster(eng))
         elapsed = time.perf_counter() - t
         per_role = {name: len(self.sts.assume_role_calls(arn)) for name, arn in self.roles.items()}
         self.sts_calls = {"reads": n, "per_role": per_role, "total": len(self.sts.assume_role_calls()),
@@ -782,7 +800,7 @@ class _Chunks(io.RawIOBase):
         if self._pos >= len(self._buf):
             parts, size = [], 0
             for chunk in self._it:
-                parts.append(chunk)
+                parts.append(bytes(chunk))  # keeping psycopg's memoryviews alive is ~3x slower
                 size += len(chunk)
                 if size >= 1 << 20:
                     break
@@ -815,3 +833,277 @@ def _arrow_rows(copy: Any) -> tuple[int, int]:
     for batch in reader:
         rows += batch.num_rows
     return rows, src.nbytes
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def _paired(a: Variant, bases: list[Variant]) -> float | None:
+    """Median over repeats of a's time / the best baseline time of the same repeat."""
+    bases = [b for b in bases if b.runs]
+    if not a.runs or not bases:
+        return None
+    n = min(len(a.runs), *(len(b.runs) for b in bases))
+    return statistics.median(a.runs[i].seconds / min(b.runs[i].seconds for b in bases) for i in range(n))
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if x is None else f"{x:{spec}}{suffix}"
+
+
+def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
+    m = b.facts["machine"]
+    rows = b.rows
+    L: list[str] = []
+    L += [
+        "# aurora_dbx benchmark results",
+        "",
+        "Generated by `bench/run.py` from its own measurements (do not edit by hand; re-run to refresh).",
+        "",
+        f"- **date**: {started.strftime('%Y-%m-%d %H:%M UTC')} (whole run {elapsed / 60:.1f} min)",
+        f"- **command**: `{command}`",
+        f"- **data**: {rows:,} rows of `(id bigint PK, qty int, amount numeric(12,2), score double, "
+        f"label text ~20 chars, day date, ts timestamptz, flag boolean)`, ~2% NULL amounts, ~1% NULL labels; "
+        f"{b.facts.get('csv_mb', 0):.0f} MB as PostgreSQL CSV. MariaDB: the same rows as "
+        "`BIGINT, INT, DECIMAL(12,2), DOUBLE, VARCHAR(32), DATE, TIMESTAMP(6), BOOLEAN`.",
+        f"- **repeats**: reads {len(next(iter(b.groups.get('reads', [])), Variant('', '', lambda: None)).runs)}, "
+        f"writes {len(next(iter(b.groups.get('writes', [])), Variant('', '', lambda: None)).runs)}, interleaved "
+        "(every variant of a group once per repeat, in turn); tables show medians; ratios are the median of the "
+        "per-repeat ratios (each run divided by its own repeat's baseline).",
+        "",
+        "## Machine",
+        "",
+        "| | |", "|---|---|",
+        f"| cores (`nproc`) | {m['nproc']} |",
+        f"| CPU | {m['cpu']} |",
+        f"| RAM | {m['mem_total']} |",
+        f"| kernel | {m['kernel']} |",
+        f"| load average at start / end | {_load(m['load_avg_start'])} / {_load(m['load_avg_end'])} (the machine is shared) |",
+        f"| Python | {m['python']} |",
+        f"| Spark | {m['spark']} (`local[2]`, driver memory {b.args.driver_memory}), {m['java']} |",
+        f"| PostgreSQL | {m['postgresql']} (local stack: {_kv(b.facts.get('postgres_settings', {}))}) |",
+        f"| MariaDB | {m['mariadb']} (local stack; bench sets {_kv(b.facts.get('mariadb_settings', {}))}) |",
+        f"| JDBC drivers | {', '.join(m['jdbc_drivers'])} |",
+        f"| Python drivers | psycopg {m['psycopg']} ({m['psycopg_impl']} libpq wrapper), PyMySQL {m['pymysql']}, pyarrow {m['pyarrow']} |",
+        "",
+        "All database connections (library, Spark JDBC and the COPY/LOAD DATA limits) log in the same way: "
+        "an IAM token as the password, over TLS with `verify-full`, on loopback.",
+        "",
+    ]
+    if "reads" in b.groups:
+        v = {x.key: x for x in b.groups["reads"]}
+        pg_limit = [v["copy_raw_pg"], v["copy_raw_pg_x2"]]
+        pg_parse = [v["copy_arrow_pg"], v["copy_arrow_pg_x2"]]
+        my_limit = [v["pymysql_raw_my"], v["pymysql_raw_my_x2"]]
+        L += [
+            f"## Reads ({rows:,} rows, fully materialised)",
+            "",
+            "Spark variants run `df.write.format(\"noop\").mode(\"overwrite\").save()`; the time includes building "
+            "the DataFrame (`read_table()` or `spark.read.jdbc()`). The limits run in the bench process: "
+            "`COPY (SELECT ...) TO STDOUT (FORMAT csv)` through psycopg, counting bytes (raw) or parsed by "
+            "pyarrow's streaming CSV reader into record batches (the parse limit); 2 streams split the key range "
+            "in half, one connection and thread each. The PostgreSQL limit is the faster of 1 and 2 streams in "
+            "each repeat. MariaDB has no COPY: its limit column uses PyMySQL's unbuffered cursor "
+            "(rows fetched and discarded), the driver `read_table` itself uses.",
+            "",
+            "| variant | median s | rows/s | × COPY limit | × COPY→Arrow limit | × JDBC defaults | × JDBC tuned | peak RSS MB | Δ RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for x in b.groups["reads"]:
+            eng = "pg" if "_pg" in x.key else "my"
+            limit, parse = (pg_limit, pg_parse) if eng == "pg" else (my_limit, None)
+            L.append(
+                f"| {x.label} | {x.median():.2f} | {rows / x.median():,.0f} | {_fmt(_paired(x, limit))} | "
+                f"{_fmt(_paired(x, parse)) if parse else '–'} | {_fmt(_paired(x, [v[f'jdbc_default_{eng}']]))} | "
+                f"{_fmt(_paired(x, [v[f'jdbc_tuned_{eng}']]))} | {x.peak():.0f} | {x.delta():.0f} |")
+        L += ["", "× = time ÷ the baseline's time (above 1: slower than the baseline).", ""]
+    if "writes" in b.groups:
+        v = {x.key: x for x in b.groups["writes"]}
+        pg_limit = [v["copy_in_pg"], v["copy_in_pg_x2"]]
+        L += [
+            f"## Writes ({rows:,} rows)",
+            "",
+            "The DataFrame written is the source table read once and cached in Spark memory "
+            f"({b.facts.get('write_df_partitions')} partitions). Append variants start from an empty target "
+            "(`TRUNCATE` before each run, not timed); the upsert runs over a target that already holds every key "
+            "(so every row is an update). The PostgreSQL limit is `COPY ... FROM STDIN (FORMAT csv)` through "
+            "psycopg of the same rows pre-generated as CSV in memory (the faster of 1 stream and 2 streams "
+            "splitting the CSV in half, per repeat); MariaDB's is `LOAD DATA LOCAL INFILE` of the same rows "
+            "(from `/dev/shm`) over PyMySQL. Spark JDBC runs with its defaults (`batchsize` 1000, one "
+            "connection per partition) and no driver tuning properties.",
+            "",
+            "| variant | median s | rows/s | × COPY/LOAD DATA limit | speed-up over Spark JDBC defaults | peak RSS MB | Δ RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for x in b.groups["writes"]:
+            eng = "pg" if "_pg" in x.key else "my"
+            limit = pg_limit if eng == "pg" else [v["load_data_my"]]
+            jd = v[f"jdbc_default_{eng}"]
+            speed = _paired(jd, [x])
+            L.append(f"| {x.label} | {x.median():.2f} | {rows / x.median():,.0f} | {_fmt(_paired(x, limit))} | "
+                     f"{_fmt(speed, '.1f', '×')} | {x.peak():.0f} | {x.delta():.0f} |")
+        L.append("")
+    if b.handshake:
+        L += [
+            "## Handshake",
+            "",
+            "Time from the call to a ready DataFrame (no action). *Raw JDBC planning*: `spark.read.jdbc(url, table, "
+            "properties)` with a token already minted (Spark connects once to resolve the schema). *Warm*: "
+            "`read_table()` again in the same context (role session and token cached). *Cold*: a fresh context "
+            "(`aurora_dbx.configure()`), so identity lookup (SCIM `Me`) + STS AssumeRole + token + first "
+            "connection + describe + partition bounds. Runs interleaved raw, cold, warm; medians.",
+            "",
+            "| engine | raw JDBC planning ms | warm read_table ms | warm overhead ms | cold read_table ms | cold overhead ms | runs (warm / cold) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for eng, h in b.handshake.items():
+            L.append(f"| {'PostgreSQL' if eng == 'pg' else 'MariaDB'} | {h['jdbc_ms']:.1f} | {h['warm_ms']:.1f} | "
+                     f"{h['warm_over_ms']:+.1f} | {h['cold_ms']:.1f} | {h['cold_over_ms']:+.1f} | {h['n_warm']} / {h['n_cold']} |")
+        L.append("")
+    if b.sts_calls:
+        s = b.sts_calls
+        L += [
+            "## STS calls",
+            "",
+            f"{s['reads']} `read_table()` calls in one fresh context, alternating the PostgreSQL and MariaDB tables "
+            f"({s['seconds']:.1f} s in all), counted at a recording proxy in front of moto's STS "
+            "(`tests/support/sts_proxy.py`):",
+            "",
+            "| role | AssumeRole calls |", "|---|---:|",
+            *[f"| {k} | {n} |" for k, n in s["per_role"].items()],
+            f"| **total** | {s['total']} |",
+            "",
+        ]
+    L += _targets(b)
+    L += [
+        "## How memory is measured",
+        "",
+        "psutil is not installed; the bench reads `/proc/<pid>/statm` (resident pages) every 50 ms for the bench "
+        "process (the Spark driver's Python side, which also runs the COPY/LOAD DATA limits) and all of its "
+        "descendants (the driver JVM, the PySpark daemon and its Python workers), re-reading the process tree "
+        "every 0.5 s, and excludes the local stack's servers (moto, PostgreSQL, MariaDB: they stand in for "
+        "Aurora). *peak RSS* is the largest sum seen during the run; *Δ RSS* is that peak minus the sum at the "
+        "start of the run. Before each run the bench calls `gc.collect()` and the JVM's `System.gc()` (G1 "
+        "returns freed heap to the OS after a full GC); the JVM and the reused Python workers still keep some "
+        "memory from earlier runs, so Δ RSS is the clearer per-variant signal and the peak includes a "
+        "baseline of about the smallest peak in the table.",
+        "",
+    ]
+    if b.notes:
+        L += ["## Notes from the run", "", *[f"- {n}" for n in b.notes], ""]
+    analysis = BENCH_DIR / "ANALYSIS.md"
+    if analysis.exists():
+        L += [analysis.read_text().rstrip(), ""]
+    return "\n".join(L)
+
+
+def _load(x: Any) -> str:
+    return "?" if not x else " ".join(f"{v:.2f}" for v in x)
+
+
+def _kv(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k.lower()}={v}" for k, v in d.items())
+
+
+def _targets(b: Bench) -> list[str]:
+    rows: list[tuple[str, str, str]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "–" if ok is None else ("met" if ok else "**missed**")
+
+    if "reads" in b.groups:
+        v = {x.key: x for x in b.groups["reads"]}
+        r = _paired(v["aurora_pg"], [v["copy_raw_pg"], v["copy_raw_pg_x2"]])
+        rows.append(("PostgreSQL read within 1.3× of the COPY limit", f"{_fmt(r)}×",
+                     verdict(r is not None and r <= 1.3) + ("" if r is None or r <= 1.3 else f" by {r / 1.3:.2f}×")))
+        r2 = _paired(v["aurora_pg"], [v["copy_arrow_pg"], v["copy_arrow_pg_x2"]])
+        rows.append(("(PostgreSQL read vs the COPY→Arrow parse limit)", f"{_fmt(r2)}×", "for reference"))
+        r = _paired(v["aurora_my"], [v["pymysql_raw_my"], v["pymysql_raw_my_x2"]])
+        rows.append(("MariaDB read within 1.3× of its limit (PyMySQL fetch)", f"{_fmt(r)}×",
+                     verdict(r is not None and r <= 1.3) + ("" if r is None or r <= 1.3 else f" by {r / 1.3:.2f}×")))
+    if "writes" in b.groups:
+        v = {x.key: x for x in b.groups["writes"]}
+        for eng, name, limit in (("pg", "PostgreSQL", [v["copy_in_pg"], v["copy_in_pg_x2"]]),
+                                 ("my", "MariaDB", [v["load_data_my"]])):
+            for mode in ("append", "upsert"):
+                x = v[f"aurora_{mode}_{eng}"]
+                s = _paired(v[f"jdbc_default_{eng}"], [x])
+                rows.append((f"{name} {mode}: ≥5× faster than Spark JDBC defaults", f"{_fmt(s, '.1f')}×",
+                             verdict(s is not None and s >= 5) + ("" if s is None or s >= 5 else f" (reaches {s / 5:.0%} of 5×)")))
+                r = _paired(x, limit)
+                rows.append((f"{name} {mode}: within 1.5× of the {'COPY' if eng == 'pg' else 'LOAD DATA'} limit",
+                             f"{_fmt(r)}×", verdict(r is not None and r <= 1.5) + ("" if r is None or r <= 1.5 else f" by {r / 1.5:.2f}×")))
+    for eng, h in b.handshake.items():
+        o = h["warm_over_ms"]
+        rows.append((f"{'PostgreSQL' if eng == 'pg' else 'MariaDB'} warm handshake < 5 ms over raw JDBC planning",
+                     f"{o:+.1f} ms", verdict(o < 5) + ("" if o < 5 else f" by {o - 5:.1f} ms")))
+    if b.sts_calls:
+        used = {k: n for k, n in b.sts_calls["per_role"].items() if k.endswith("-read")}
+        ok = all(n == 1 for n in used.values())
+        rows.append(("one STS AssumeRole per role per session", ", ".join(f"{k}: {n}" for k, n in used.items()),
+                     verdict(ok)))
+    if not rows:
+        return []
+    return ["## Targets", "", "| target | measured | verdict |", "|---|---:|---|",
+            *[f"| {a} | {m} | {c} |" for a, m, c in rows], ""]
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=2_000_000, help="rows in the bench table (default 2,000,000)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every read/write variant")
+    p.add_argument("--write-repeats", type=int, default=0, help="repeats for writes (default: --repeats)")
+    p.add_argument("--only", default="reads,writes,handshake,sts",
+                   help="comma-separated groups to run: reads, writes, handshake, sts")
+    p.add_argument("--handshake-warm", type=int, default=20, help="warm read_table() calls timed per engine")
+    p.add_argument("--handshake-cold", type=int, default=5, help="cold (fresh context) read_table() calls per engine")
+    p.add_argument("--sts-reads", type=int, default=100, help="read_table() calls for the STS count")
+    p.add_argument("--driver-memory", default="4g", help="spark.driver.memory (local mode: the one JVM)")
+    p.add_argument("--mariadb-buffer-pool-mb", type=int, default=1024)
+    p.add_argument("--mariadb-isolation", default="READ-COMMITTED",
+                   help="MariaDB global tx_isolation for the run ('' keeps the server default REPEATABLE-READ)")
+    p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="where to write the report")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: the local stack must run as root (it configures PAM)", file=sys.stderr)
+        return 1
+    groups = {g.strip() for g in args.only.split(",") if g.strip()}
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    command = " ".join([Path(sys.executable).relative_to(ROOT).as_posix() if str(sys.executable).startswith(str(ROOT))
+                        else sys.executable, "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])])
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    b = Bench(args)
+    b.facts["load_start"] = os.getloadavg()
+    try:
+        b.start()
+        if "reads" in groups:
+            b.run_reads()
+        if "writes" in groups:
+            b.run_writes()
+        if "handshake" in groups:
+            b.run_handshake()
+        if "sts" in groups:
+            b.run_sts()
+        b.facts["machine"] = b.machine()
+        elapsed = time.perf_counter() - t0
+        text = report(b, command, started, elapsed)
+        Path(args.out).write_text(text + "\n")
+        raw = {
+            "command": command, "started": started.isoformat(), "rows": b.rows, "facts": b.facts,
+            "groups": {g: {v.key: [r.__dict__ for r in v.runs] for v in vs} for g, vs in b.groups.items()},
+            "handshake": b.handshake, "sts": b.sts_calls, "notes": b.notes,
+        }
+        Path(args.out).with_name(Path(args.out).stem.lower() + ".json").write_text(
+            json.dumps(raw, indent=1, default=str) + "\n")
+        log(f"wrote {args.out} ({elapsed / 60:.1f} min)")
+    finally:
+        b.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

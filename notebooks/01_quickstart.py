@@ -5,8 +5,10 @@
 # MAGIC Read an Amazon Aurora table into Spark **with no password anywhere**.
 # MAGIC
 # MAGIC 1. `aurora_dbx.configure()` loads the admin's access policy (a Unity Catalog volume or workspace file).
-# MAGIC 2. `aurora_dbx.whoami()` shows who you are (your Databricks user, or the job's service principal) and the IAM roles the policy binds to you.
-# MAGIC 3. `aurora_dbx.read_table()` assumes the right role with STS, mints a 15-minute Aurora IAM token per connection and returns a Spark DataFrame.
+# MAGIC 2. `aurora_dbx.whoami()` shows who you are (your Databricks user, or the job's service principal)
+# MAGIC    and the IAM roles the policy binds to you.
+# MAGIC 3. `aurora_dbx.read_table()` assumes the right role with STS, mints a 15-minute Aurora IAM token per
+# MAGIC    connection and returns a Spark DataFrame.
 # MAGIC
 # MAGIC Leave **policy** empty on a cluster whose init script sets `spark.aurora_dbx.policy`.
 # MAGIC Leave **cluster** empty when the policy has a single Aurora cluster.

@@ -96,7 +96,9 @@ sink = ctx.policy.audit.sink
 if sink.startswith("jsonl:"):
     events = filter_events(read_events(sink[len("jsonl:"):]), since=since)
 elif sink.startswith("table:"):
-    events = read_table_events(spark, sink[len("table:"):], since=since)
+    audit_table = sink[len("table:"):]
+    exists = spark.catalog.tableExists(audit_table)  # created by the first event written to it
+    events = read_table_events(spark, audit_table, since=since) if exists else []
 else:
     events = []
     print(f"audit sink {sink!r} cannot be read back: set audit.sink to table:<catalog.schema.table>")

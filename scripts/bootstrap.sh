@@ -10,7 +10,7 @@ VENV="${AURORA_DBX_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 
 need_apt=()
-for pkg in libpostgresql-jdbc-java libmariadb-java libpam0g-dev gcc openssl; do
+for pkg in libpostgresql-jdbc-java libmariadb-java libpam0g-dev gcc openssl shellcheck; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

@@ -186,3 +186,53 @@ def spark(world: World, tmp_path_factory: pytest.TempPathFactory):
     spark.sparkContext.setLogLevel("ERROR")
     yield spark
     spark.stop()
+
+
+# ==== leak scan (tests/support/leaks.py; owned by the security suites) ========================
+# After every test, search the text it produced (logs at DEBUG, library and Spark exception
+# texts, pytest's report, audit records, capsys output, Spark plan strings, a sqlite MLflow
+# store) for every secret the run created; any finding fails the test (never printing it).
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leak_scan_plugin(request: pytest.FixtureRequest) -> Iterator[None]:
+    from tests.support import leaks
+
+    plugin = leaks.Plugin()
+    if not request.config.pluginmanager.is_registered(plugin):
+        request.config.pluginmanager.register(plugin, "aurora-dbx-leak-scan")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _leak_scan(request: pytest.FixtureRequest) -> Iterator[None]:
+    from tests.support import leaks
+
+    if "spark" in request.fixturenames:
+        import pyspark.sql  # noqa: F401 - so the scan can watch Spark errors and plans
+    scan = leaks.LeakScan()
+    request.node._leak_scan = scan
+    if "capsys" in request.fixturenames:
+        capsys = request.getfixturevalue("capsys")
+        read = capsys.readouterr
+
+        def readouterr():  # type: ignore[no-untyped-def]
+            result = read()
+            scan.capture(result.out)
+            scan.capture(result.err)
+            return result
+
+        capsys.readouterr = readouterr
+    scan.start()
+    try:
+        yield
+    finally:
+        scan.stop()
+    for where, text in leaks.report_texts(request.node):
+        scan.add(where, text)
+    endpoint = request.getfixturevalue("world").stack.sts_endpoint if "world" in request.fixturenames else None
+    findings = scan.findings(endpoint)
+    if findings:
+        pytest.fail("secret leak scan: " + "; ".join(str(f) for f in findings[:10])
+                    + (f" (+{len(findings) - 10} more)" if len(findings) > 10 else ""), pytrace=False)
+# ==== end of leak scan =======================================================================

@@ -252,7 +252,7 @@ def test_base_role_for_dedicated_clusters_is_optional_and_reversible(sandbox):
         ({"AURORA_DBX_PIP": "/nonexistent/pip"}, "no pip at /nonexistent/pip"),
         ({"AURORA_DBX_RDS_CA_SOURCE": "/Volumes/main/missing.pem"}, "does not exist"),
         ({"AURORA_DBX_POLICY_PATH": '/Volumes/main/p/policy.yaml" spark.x = "y'}, "plain characters"),
-        ({"AURORA_DBX_POLICY_PATH": "/tmp/policy.yaml"}, "/Volumes/... or /Workspace/..."),
+        ({"AURORA_DBX_POLICY_PATH": "/tmp/policy.yaml"}, "/Volumes/... or /Workspace/..."),  # noqa: S108
         ({"AURORA_DBX_INIT_ROOT": "", "DB_CLUSTER_ID": None}, "not on a Databricks node"),
     ],
 )

@@ -199,10 +199,17 @@ def test_01_quickstart_shows_the_principal_and_the_table(world, env, spark, caps
     assert list(shown[0].columns) == ["id", "name", "signup"]
 
 
-def test_01_quickstart_uses_the_cluster_default_policy_when_the_widget_is_empty(world, env, spark, capsys):
-    """policy widget empty: the policy comes from the cluster (AURORA_DBX_POLICY / spark.aurora_dbx.policy)."""
-    env(ANALYST)  # sets AURORA_DBX_POLICY, as the init script's Spark conf does on a cluster
-    _, shown = run_notebook("01_quickstart.py", spark, cluster="analytics")
+def test_01_quickstart_uses_the_cluster_default_policy_when_the_widget_is_empty(
+    world, env, spark, capsys, monkeypatch
+):
+    """policy widget empty: the policy is the cluster's spark.aurora_dbx.policy (the init script's conf)."""
+    env(ANALYST)
+    monkeypatch.delenv("AURORA_DBX_POLICY")
+    spark.conf.set("spark.aurora_dbx.policy", str(world.policy_path))
+    try:
+        _, shown = run_notebook("01_quickstart.py", spark, cluster="analytics")
+    finally:
+        spark.conf.unset("spark.aurora_dbx.policy")
     assert f"policy {world.policy_path}" in capsys.readouterr().out
     assert sorted(shown[0]["id"]) == [1, 2]
 
@@ -216,7 +223,7 @@ def test_02_training_run_shows_its_credential_lineage(world, env, spark, trainin
     ns, shown = run_notebook("02_train_with_lineage.py", spark, policy=world.policy_path,
                              table=training_table, cluster="analytics")
     tags, inputs = shown
-    tags = dict(zip(tags["tag"], tags["value"]))
+    tags = dict(zip(tags["tag"], tags["value"], strict=True))
     assert tags["aurora_dbx.principal"] == ANALYST
     assert tags["aurora_dbx.principal_type"] == "user"
     assert tags["aurora_dbx.role_arn"] == world.roles["analyst-read"]
@@ -324,3 +331,26 @@ def test_04_admin_plans_checks_and_charts_the_audit_trail(world, env, spark, tmp
     # nothing secret reached the admin's screen
     for text in (out, audit.to_json(), ns["plan_json"]):
         assert "dapi-" not in text and "X-Amz-Signature" not in text and "SecretAccessKey" not in text
+
+
+@pytest.mark.slow
+def test_04_admin_reads_a_table_sink(world, env, spark, tmp_path, capsys, monkeypatch):
+    """The Databricks setup: audit.sink is a table (Delta there; the session catalog locally)."""
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    table = "spark_catalog.default.notebook_audit_events"
+    spark.sql(f"DROP TABLE IF EXISTS {table}")
+    policy = dict(world.policy, audit={"sink": f"table:{table}"})
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    env(ANALYST)
+    _, shown = run_notebook("04_admin.py", spark, policy=policy_path,
+                            trusted_principal_arns="arn:aws:iam::123456789012:role/databricks-aurora-base")
+    assert "check: OK" in capsys.readouterr().out
+    audit, assumptions = shown[2], shown[3]
+    assert set(audit["principal"]) == {ANALYST} and "assume_role" in set(audit["event"])
+    today = datetime.now(timezone.utc).date().isoformat()
+    assert assumptions.to_dict("records") == [{"day": today, "principal": ANALYST, "assumptions": 2}]
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    spark.sql(f"DROP TABLE IF EXISTS {table}")

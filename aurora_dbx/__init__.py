@@ -25,7 +25,8 @@ from .errors import (
 )
 from .identity import Principal
 from .policy import Access, load_policy
-from .spark_io import read_table, write_table
+from .reads import read_table
+from .writes import write_table
 
 __all__ = [
     "AccessDenied",

@@ -748,19 +748,34 @@ class Bench:
 
         cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                     if ln.startswith("model name")), "?")
-        mem = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/meminfo").read_text().splitlines()
-                    if ln.startswith("MemTotal")), "?")
+        mem_kb = next((int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                       if ln.startswith("MemTotal")), 0)
+        mem = f"{mem_kb / 2**20:.1f} GiB"
         java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()
         return {
             "nproc": os.cpu_count(), "cpu": cpu, "mem_total": mem, "kernel": platform.release(),
             "python": platform.python_version(), "spark": pyspark.__version__, "java": java[0] if java else "?",
             "postgresql": self.admin("pg", "SHOW server_version")[0][0],
             "mariadb": self.admin("my", "SELECT VERSION()")[0][0],
-            "jdbc_drivers": [Path(j).name for j in self.stack.jdbc_jars()],
+            "jdbc_drivers": [_jar_version(j) for j in self.stack.jdbc_jars()],
             "psycopg": psycopg.__version__, "psycopg_impl": psycopg.pq.__impl__, "pymysql": pymysql.__version__,
             "pyarrow": pyarrow.__version__, "load_avg_start": self.facts.get("load_start"),
             "load_avg_end": os.getloadavg(),
         }
+
+
+def _jar_version(path: str) -> str:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            manifest = z.read("META-INF/MANIFEST.MF").decode(errors="replace")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return Path(path).name
+    fields = dict(ln.split(": ", 1) for ln in manifest.splitlines() if ": " in ln)
+    title = fields.get("Bundle-Name") or fields.get("Implementation-Title") or Path(path).stem
+    version = fields.get("Bundle-Version") or fields.get("Implementation-Version") or "?"
+    return f"{title} {version}"
 
 
 # -- stream helpers ---------------------------------------------------------------------------
@@ -906,14 +921,14 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
             "each repeat. MariaDB has no COPY: its limit column uses PyMySQL's unbuffered cursor "
             "(rows fetched and discarded), the driver `read_table` itself uses.",
             "",
-            "| variant | median s | rows/s | × COPY limit | × COPY→Arrow limit | × JDBC defaults | × JDBC tuned | peak RSS MB | Δ RSS MB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: PyMySQL) | × COPY→Arrow limit | × JDBC defaults | × JDBC tuned | peak RSS MB | Δ RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for x in b.groups["reads"]:
             eng = "pg" if "_pg" in x.key else "my"
             limit, parse = (pg_limit, pg_parse) if eng == "pg" else (my_limit, None)
             L.append(
-                f"| {x.label} | {x.median():.2f} | {rows / x.median():,.0f} | {_fmt(_paired(x, limit))} | "
+                f"| {x.label} | {x.median():.2f} | {_runs(x)} | {rows / x.median():,.0f} | {_fmt(_paired(x, limit))} | "
                 f"{_fmt(_paired(x, parse)) if parse else '–'} | {_fmt(_paired(x, [v[f'jdbc_default_{eng}']]))} | "
                 f"{_fmt(_paired(x, [v[f'jdbc_tuned_{eng}']]))} | {x.peak():.0f} | {x.delta():.0f} |")
         L += ["", "× = time ÷ the baseline's time (above 1: slower than the baseline).", ""]
@@ -932,15 +947,15 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
             "(from `/dev/shm`) over PyMySQL. Spark JDBC runs with its defaults (`batchsize` 1000, one "
             "connection per partition) and no driver tuning properties.",
             "",
-            "| variant | median s | rows/s | × COPY/LOAD DATA limit | speed-up over Spark JDBC defaults | peak RSS MB | Δ RSS MB |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: LOAD DATA) | speed-up over Spark JDBC defaults | peak RSS MB | Δ RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for x in b.groups["writes"]:
             eng = "pg" if "_pg" in x.key else "my"
             limit = pg_limit if eng == "pg" else [v["load_data_my"]]
             jd = v[f"jdbc_default_{eng}"]
             speed = _paired(jd, [x])
-            L.append(f"| {x.label} | {x.median():.2f} | {rows / x.median():,.0f} | {_fmt(_paired(x, limit))} | "
+            L.append(f"| {x.label} | {x.median():.2f} | {_runs(x)} | {rows / x.median():,.0f} | {_fmt(_paired(x, limit))} | "
                      f"{_fmt(speed, '.1f', '×')} | {x.peak():.0f} | {x.delta():.0f} |")
         L.append("")
     if b.handshake:
@@ -995,6 +1010,10 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
     if analysis.exists():
         L += [analysis.read_text().rstrip(), ""]
     return "\n".join(L)
+
+
+def _runs(v: Variant) -> str:
+    return " ".join(f"{r.seconds:.2f}" for r in v.runs)
 
 
 def _load(x: Any) -> str:

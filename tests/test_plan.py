@@ -730,7 +730,7 @@ def test_mysql_write_user_writes_and_stages_in_its_database_only(my: Applied) ->
         _run(conn, f"INSERT INTO `{shop}`.`orders` VALUES (2, 20.00)")
         _run(conn, f"UPDATE `{shop}`.`orders` SET total = 21.00 WHERE id = 2")
         _run(conn, f"DELETE FROM `{shop}`.`orders` WHERE id = 2")
-        # write_table's stage-and-publish, statement for statement (aurora_dbx.spark_io)
+        # write_table's stage-and-publish, statement for statement (aurora_dbx.writes)
         stage = f"`{shop}`.`_adbx_stage_1_ab`"
         _run(conn, f"CREATE TABLE {stage} (_adbx_part INT NOT NULL DEFAULT 0, INDEX (_adbx_part)) "
                    f"SELECT `id`, `total` FROM `{shop}`.`orders` WHERE 1=0")

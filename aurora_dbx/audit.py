@@ -84,6 +84,7 @@ class AuditEvent:
     job_id: str | None = None
     run_id: str | None = None
     mlflow_run_id: str | None = None
+    duration_ms: int | None = None  # read_table: time to a ready DataFrame; write_table: whole write
 
     def to_json(self) -> str:
         data = {
@@ -154,7 +155,7 @@ def _quote_table(name: str) -> str:
 class TableSink:
     """Appends events to a table through Spark (Delta on Databricks).
 
-    The table is created on the first event (all columns STRING except ``rows`` BIGINT).
+    The table is created on the first event (all columns STRING except ``rows`` and ``duration_ms``, BIGINT).
     Appends resolve columns by name; fields the table does not have yet are added by
     Delta's schema evolution, and on formats without it they are left out (warned once).
     On local Spark name the session catalog: ``spark_catalog.default.audit_events``.
@@ -211,7 +212,7 @@ class TableSink:
                 self._columns = list(row)
 
     def _append(self, spark: Any, row: dict[str, Any], *, merge: bool) -> None:
-        schema = ", ".join(f"`{k}` {'BIGINT' if k == 'rows' else 'STRING'}" for k in row)
+        schema = ", ".join(f"`{k}` {'BIGINT' if k in ('rows', 'duration_ms') else 'STRING'}" for k in row)
         writer = spark.createDataFrame([row], schema=schema).write.mode("append")
         if merge:
             writer = writer.option("mergeSchema", "true")

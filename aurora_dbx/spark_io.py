@@ -90,6 +90,7 @@ def jdbc_options(cluster: Cluster, user: str, token: str, *, read_only: bool, ta
 def record_access(ctx: Context, role: Role, cluster: Cluster, kind: str, tables: list[str], *,
                   query: str | None = None, schema: Any = None, rows: int | None = None,
                   mode: str | None = None, elapsed: float | None = None) -> None:
+    """One audit event per table, then the MLflow lineage of the access (never fails the access)."""
     p = ctx.principal()
     creds = ctx.credentials(role)
     for t in tables:
@@ -99,6 +100,7 @@ def record_access(ctx: Context, role: Role, cluster: Cluster, kind: str, tables:
             table=t, project=ctx.policy.project, session_name=creds.session_name,
             source_identity=creds.source_identity, credential_expires_at=creds.expires_at.isoformat(),
             rows=rows, mode=mode, job_id=p.job_id, run_id=p.run_id, mlflow_run_id=_active_mlflow_run_id(),
+            duration_ms=round(elapsed * 1000) if elapsed is not None else None,
         ))
     try:
         from . import lineage

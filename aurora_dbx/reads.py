@@ -205,7 +205,10 @@ def read_table(
         query = check_fragment(query, target.engine, "query")
     relation = f"({query}) AS adbx_q" if query else name.quoted(target.engine)
     spark = resolve_spark(ctx, spark)
-    method = options.get("method", "source")
+    # Over Spark Connect (Databricks Connect from an IDE) the tasks run next to a remote
+    # driver that cannot reach this process's token broker: use JDBC with a token minted
+    # now, valid for actions in the next ~10 minutes (docs/SPARK_IO.md).
+    method = options.get("method", "jdbc" if _is_spark_connect(spark) else "source")
     if method not in ("source", "jdbc"):
         raise ValueError("method must be 'source' or 'jdbc'")
 
@@ -248,7 +251,7 @@ def read_table(
             check_identifier(part_col, "partition_column")
         predicates = _partitioning(
             conn, target, relation, None if query else name, where, part_col, num,
-            spark.sparkContext.defaultParallelism,
+            _parallelism(spark),
         )
     finally:
         conn.close()
@@ -270,6 +273,16 @@ def read_table(
     record_access(ctx, chosen, target, "read", sorted(str(t) for t in tables_read), query=query,
                   schema=df.schema, elapsed=time.perf_counter() - started)
     return df
+
+
+def _is_spark_connect(spark: Any) -> bool:
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def _parallelism(spark: Any) -> int:
+    if _is_spark_connect(spark):  # no SparkContext over Spark Connect
+        return int(spark.conf.get("spark.default.parallelism", None) or 8)
+    return int(spark.sparkContext.defaultParallelism)
 
 
 def _jdbc_read(ctx: Context, spark: Any, role: Role, cluster: Cluster, cols: list[Column],

@@ -181,6 +181,12 @@ def write_table(
     principal, chosen, target = ctx.decide(name, "write", cluster=cluster, role=role)
     dialect = dialect_for(target)
     spark = resolve_spark(ctx, df.sparkSession)
+    if type(spark).__module__.startswith("pyspark.sql.connect"):
+        raise AuroraDbxError(
+            "write_table over Spark Connect (Databricks Connect) is not supported: the write's tasks "
+            "run on the cluster and fetch tokens from this process, which the cluster cannot reach. "
+            "Run the write in a notebook or job on the cluster"
+        )
     started = time.perf_counter()
 
     conn = ctx.open(chosen, read_only=False)

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,23 +74,51 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
-class MemorySampler:
-    """Peak of the summed RSS of this process and its descendants (the Spark JVM, the
-    PySpark daemon and Python workers), excluding the local stack's servers (they stand in
-    for Aurora). Sampled every ``interval`` s; the process tree is re-read every 0.5 s."""
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
 
-    def __init__(self, exclude: set[int], interval: float = 0.05):
+
+def _is_jvm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().strip() == b"java"
+    except OSError:
+        return False
+
+
+class MemorySampler:
+    """Peak of the summed memory of this process and its descendants (the Spark JVM, the
+    PySpark daemons and Python workers, forked limit streams), excluding the local stack's
+    servers (they stand in for Aurora).
+
+    The JVM is counted by RSS (``/proc/<pid>/statm``, read every ``interval`` s: nothing
+    shares its pages). Python processes are counted by PSS (``/proc/<pid>/smaps_rollup``,
+    read every ``pss_every`` ticks since it costs milliseconds): forked workers share pages
+    with their parent, which RSS would count twice. The process tree is re-read every 0.5 s.
+    """
+
+    def __init__(self, exclude: set[int], interval: float = 0.05, pss_every: int = 4):
         self.exclude = exclude
         self.interval = interval
-        self._pids: list[int] = []
+        self.pss_every = pss_every
+        self._pids: list[tuple[int, bool]] = []
+        self._pss: dict[int, int] = {}
         self._tree_at = 0.0
+        self._tick = 0
         self._lock = threading.Lock()
         self.peak = 0
         self.start_rss = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def pids(self) -> list[int]:
+    def pids(self) -> list[tuple[int, bool]]:
         now = time.monotonic()
         if now - self._tree_at > 0.5:
             kids = _ppid_map()
@@ -98,23 +127,34 @@ class MemorySampler:
                 p = todo.pop()
                 if p in self.exclude:
                     continue
-                out.append(p)
+                out.append((p, _is_jvm(p)))
                 todo.extend(kids.get(p, []))
             self._pids, self._tree_at = out, now
         return self._pids
 
-    def total(self) -> int:
-        return sum(_rss_bytes(p) for p in self.pids())
+    def total(self, full: bool = True) -> int:
+        self._tick += 1
+        refresh = full or self._tick % self.pss_every == 0
+        total = 0
+        for pid, jvm in self.pids():
+            if jvm:
+                total += _rss_bytes(pid)
+                continue
+            if refresh or pid not in self._pss:
+                self._pss[pid] = _pss_bytes(pid)
+            total += self._pss[pid]
+        return total
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            t = self.total()
+            t = self.total(full=False)
             with self._lock:
                 self.peak = max(self.peak, t)
 
     @contextmanager
     def measure(self) -> Any:
         self._tree_at = 0.0
+        self._pss.clear()
         self.start_rss = self.peak = self.total()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -145,6 +185,7 @@ class Variant:
     fn: Callable[[], dict[str, Any] | None]
     before: Callable[[], None] | None = None
     runs: list[Run] = field(default_factory=list)
+    failed: str | None = None
 
     def median(self) -> float:
         return statistics.median(r.seconds for r in self.runs)
@@ -163,7 +204,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.rows: int = args.rows
-        self.tmp = Path(tempfile.mkdtemp(prefix="aurora-dbx-bench-"))
+        self.tmp = Path(tempfile.gettempdir())  # a private directory once start() runs
         self.stack: Any = None
         self.sts: Any = None
         self.spark: Any = None
@@ -185,6 +226,7 @@ class Bench:
         from aurora_dbx.local_stack import LocalStack
         from tests.support.sts_proxy import StsProxy
 
+        self.tmp = Path(tempfile.mkdtemp(prefix="aurora-dbx-bench-"))
         t = time.perf_counter()
         self.stack = LocalStack(engines=("postgresql", "mysql")).start()
         stack = self.stack
@@ -324,6 +366,10 @@ class Bench:
                 cur.execute(f"SELECT {', '.join(COLS)} INTO OUTFILE '{self.my_tsv}' FROM `{db}`.`{SRC}`")
         finally:
             conn.close()
+        data = self.my_tsv.read_bytes()
+        cut = data.index(b"\n", len(data) // 2) + 1
+        self.my_tsv.with_suffix(".1.tsv").write_bytes(data[:cut])
+        self.my_tsv.with_suffix(".2.tsv").write_bytes(data[cut:])
         log(f"seeded MariaDB {n:,} rows in {time.perf_counter() - t:.1f} s")
         # The COPY FROM limit's input: the same rows as PostgreSQL CSV, in memory.
         conn = pg.admin_connect()
@@ -363,7 +409,10 @@ class Bench:
             self.sts.close()
         if self.stack is not None:
             self.stack.stop()
-        self.my_tsv.unlink(missing_ok=True)
+        for f in (self.my_tsv, self.my_tsv.with_suffix(".1.tsv"), self.my_tsv.with_suffix(".2.tsv")):
+            f.unlink(missing_ok=True)
+        if self.tmp.name.startswith("aurora-dbx-bench-"):
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ---------------------------------------------------------------- helpers
     def role(self, name: str) -> Any:
@@ -392,15 +441,6 @@ class Bench:
 
     def table(self, engine: str, name: str) -> str:
         return f"{PG_SCHEMA}.{name}" if engine == "pg" else f"{self.my_db}.{name}"
-
-    def pg_connect(self, role: str) -> Any:
-        from aurora_dbx.connections import open_connection
-        from aurora_dbx.engines import dialect_for
-
-        r = self.role(role)
-        cluster = self.ctx.policy.clusters[r.cluster]
-        return open_connection(dialect_for(cluster), cluster, r.db_user, self.ctx.token_source(r),
-                               read_only=r.access == "read", tags={"project": "bench"})
 
     def admin(self, engine: str, sql: str) -> list[tuple[Any, ...]]:
         db = self.stack.postgres if engine == "pg" else self.stack.mysql
@@ -441,9 +481,19 @@ class Bench:
         self.groups[group] = variants
         for r in range(repeats):
             for v in variants:
-                run = self.measure(v)
-                if check is not None:
-                    check(v)
+                if v.failed:
+                    continue
+                try:
+                    run = self.measure(v)
+                    if check is not None:
+                        check(v)
+                except Exception as e:  # noqa: BLE001 - record, keep measuring the others
+                    first = next((ln for ln in str(e).strip().splitlines() if ln.strip()), "")
+                    v.failed = f"{type(e).__name__}: {first[:300]}"
+                    v.runs = []
+                    self.notes.append(f"`{v.key}` failed in repeat {r + 1} and was dropped: {v.failed}")
+                    log(f"{group} #{r + 1} {v.key} FAILED: {v.failed}")
+                    continue
                 log(f"{group} #{r + 1} {v.key:<22} {run.seconds:8.2f} s  peak {run.peak_mb:7.0f} MB "
                     f"(+{run.delta_mb:.0f})")
 
@@ -477,14 +527,14 @@ class Bench:
             Variant("jdbc_default_pg", "Spark JDBC defaults (PostgreSQL)", jdbc_default("pg")),
             Variant("jdbc_tuned_pg", "Spark JDBC tuned (PostgreSQL)", jdbc_tuned("pg")),
             Variant("copy_raw_pg", "COPY TO STDOUT, count bytes, 1 stream", lambda: self.copy_out(1, False)),
-            Variant("copy_raw_pg_x2", "COPY TO STDOUT, count bytes, 2 streams", lambda: self.copy_out(2, False)),
+            Variant("copy_raw_pg_x2", "COPY TO STDOUT, count bytes, 2 processes", lambda: self.copy_out(2, False)),
             Variant("copy_arrow_pg", "COPY TO STDOUT -> Arrow, 1 stream", lambda: self.copy_out(1, True)),
-            Variant("copy_arrow_pg_x2", "COPY TO STDOUT -> Arrow, 2 streams", lambda: self.copy_out(2, True)),
+            Variant("copy_arrow_pg_x2", "COPY TO STDOUT -> Arrow, 2 processes", lambda: self.copy_out(2, True)),
             Variant("aurora_my", "read_table (MariaDB)", aurora("my")),
             Variant("jdbc_default_my", "Spark JDBC defaults (MariaDB)", jdbc_default("my")),
             Variant("jdbc_tuned_my", "Spark JDBC tuned (MariaDB)", jdbc_tuned("my")),
             Variant("pymysql_raw_my", "PyMySQL unbuffered fetch, 1 stream", lambda: self.pymysql_out(1)),
-            Variant("pymysql_raw_my_x2", "PyMySQL unbuffered fetch, 2 streams", lambda: self.pymysql_out(2)),
+            Variant("pymysql_raw_my_x2", "PyMySQL unbuffered fetch, 2 processes", lambda: self.pymysql_out(2)),
         ]
 
     def _halves(self, streams: int) -> list[str]:
@@ -493,30 +543,30 @@ class Bench:
         mid = self.rows // 2
         return [f"id <= {mid}", f"id > {mid}"]
 
+    def pg_kwargs(self, role: str) -> dict[str, Any]:
+        """psycopg connection arguments as the library builds them (token minted now)."""
+        r = self.role(role)
+        pg = self.stack.postgres
+        kw = {"host": pg.host, "port": pg.port, "dbname": pg.database, "user": r.db_user,
+              "password": self.token(role), "sslmode": "verify-full", "sslrootcert": str(self.stack.ca_bundle)}
+        if r.access == "read":
+            kw["options"] = "-c default_transaction_read_only=on"
+        return kw
+
+    def my_kwargs(self, role: str) -> dict[str, Any]:
+        r = self.role(role)
+        my = self.stack.mysql
+        return {"host": my.host, "port": my.port, "user": r.db_user, "password": self.token(role),
+                "database": my.database, "ca": str(self.stack.ca_bundle)}
+
     def copy_out(self, streams: int, arrow: bool) -> dict[str, Any]:
-        """The limit: psycopg COPY of the whole table; optionally parsed into Arrow batches."""
-        results: list[tuple[int, int]] = [(0, 0)] * streams
-        errors: list[BaseException] = []
-        select = ("id, qty, amount, score, label, day, (ts AT TIME ZONE 'UTC') AS ts, flag")
-
-        def one(i: int, pred: str) -> None:
-            try:
-                conn = self.pg_connect("pg-read")
-                try:
-                    with conn.cursor() as cur:
-                        cur.execute("SET TimeZone = 'UTC'")
-                        sql = f"COPY (SELECT {select} FROM {PG_SCHEMA}.{SRC} WHERE {pred}) TO STDOUT WITH (FORMAT csv, NULL '\\N')"
-                        with cur.copy(sql) as copy:
-                            results[i] = _arrow_rows(copy) if arrow else _count_bytes(copy)
-                    conn.rollback()
-                finally:
-                    conn.close()
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        _fan_out(one, self._halves(streams))
-        if errors:
-            raise errors[0]
+        """The limit: psycopg COPY of the whole table, counting bytes or parsed into Arrow
+        batches; 2 streams run in 2 forked processes (as Spark's 2 Python workers do)."""
+        kw = self.pg_kwargs("pg-read")
+        select = "id, qty, amount, score, label, day, (ts AT TIME ZONE 'UTC') AS ts, flag"
+        jobs = [(kw, f"COPY (SELECT {select} FROM {PG_SCHEMA}.{SRC} WHERE {pred}) TO STDOUT WITH (FORMAT csv, NULL '\\N')",
+                 arrow) for pred in self._halves(streams)]
+        results = _run_streams(_pg_copy_out, jobs)
         rows = sum(r[0] for r in results)
         if arrow and rows != self.rows:
             raise AssertionError(f"COPY -> Arrow read {rows} rows, expected {self.rows}")
@@ -524,39 +574,13 @@ class Bench:
 
     def pymysql_out(self, streams: int) -> dict[str, Any]:
         """MariaDB's counterpart of the driver limit: PyMySQL's unbuffered cursor, rows discarded."""
-        import pymysql.cursors
-
-        from aurora_dbx.connections import open_connection
-        from aurora_dbx.engines import dialect_for
-
-        counts = [0] * streams
-        errors: list[BaseException] = []
-        r = self.role("my-read")
-        cluster = self.ctx.policy.clusters[r.cluster]
-
-        def one(i: int, pred: str) -> None:
-            try:
-                conn = open_connection(dialect_for(cluster), cluster, r.db_user, self.ctx.token_source(r),
-                                       read_only=True, tags={"project": "bench"})
-                try:
-                    with conn.cursor(pymysql.cursors.SSCursor) as cur:
-                        cur.execute(f"SELECT {', '.join(COLS)} FROM `{self.my_db}`.`{SRC}` WHERE {pred}")
-                        while True:
-                            rows = cur.fetchmany(10_000)
-                            if not rows:
-                                break
-                            counts[i] += len(rows)
-                finally:
-                    conn.close()
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        _fan_out(one, self._halves(streams))
-        if errors:
-            raise errors[0]
-        if sum(counts) != self.rows:
-            raise AssertionError(f"PyMySQL read {sum(counts)} rows, expected {self.rows}")
-        return {"rows": sum(counts)}
+        kw = self.my_kwargs("my-read")
+        jobs = [(kw, f"SELECT {', '.join(COLS)} FROM `{self.my_db}`.`{SRC}` WHERE {pred}")
+                for pred in self._halves(streams)]
+        rows = sum(_run_streams(_my_fetch, jobs))
+        if rows != self.rows:
+            raise AssertionError(f"PyMySQL read {rows} rows, expected {self.rows}")
+        return {"rows": rows}
 
     def run_reads(self) -> None:
         import aurora_dbx
@@ -607,61 +631,32 @@ class Bench:
             Variant("aurora_upsert_pg", "write_table upsert, all keys exist (PostgreSQL)", wt("pg", "upsert"), prefilled("pg")),
             Variant("jdbc_default_pg", "Spark JDBC append defaults (PostgreSQL)", jdbc_default("pg"), trunc("pg")),
             Variant("copy_in_pg", "COPY FROM STDIN, 1 stream", lambda: self.copy_in(1), trunc("pg")),
-            Variant("copy_in_pg_x2", "COPY FROM STDIN, 2 streams", lambda: self.copy_in(2), trunc("pg")),
+            Variant("copy_in_pg_x2", "COPY FROM STDIN, 2 processes", lambda: self.copy_in(2), trunc("pg")),
             Variant("aurora_append_my", "write_table append (MariaDB)", wt("my", "append"), trunc("my")),
             Variant("aurora_upsert_my", "write_table upsert, all keys exist (MariaDB)", wt("my", "upsert"), prefilled("my")),
             Variant("jdbc_default_my", "Spark JDBC append defaults (MariaDB)", jdbc_default("my"), trunc("my")),
-            Variant("load_data_my", "LOAD DATA LOCAL INFILE, 1 stream", self.load_data, trunc("my")),
+            Variant("load_data_my", "LOAD DATA LOCAL INFILE, 1 stream", lambda: self.load_data(1), trunc("my")),
+            Variant("load_data_my_x2", "LOAD DATA LOCAL INFILE, 2 processes", lambda: self.load_data(2), trunc("my")),
         ]
 
     def copy_in(self, streams: int) -> dict[str, Any]:
-        """The limit: psycopg COPY FROM STDIN of the pre-generated CSV, in one transaction per stream."""
-        data = memoryview(self.pg_csv)
-        if streams == 1:
-            parts = [data]
-        else:
-            cut = self.pg_csv.index(b"\n", len(self.pg_csv) // 2) + 1
-            parts = [data[:cut], data[cut:]]
-        errors: list[BaseException] = []
-
-        def one(_i: int, part: memoryview) -> None:
-            try:
-                conn = self.pg_connect("pg-write")
-                try:
-                    with conn.cursor() as cur, cur.copy(
-                        f"COPY {PG_SCHEMA}.{DST} ({', '.join(COLS)}) FROM STDIN WITH (FORMAT csv)"
-                    ) as copy:
-                        for start in range(0, len(part), 1 << 20):
-                            copy.write(part[start : start + (1 << 20)])
-                    conn.commit()
-                finally:
-                    conn.close()
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        _fan_out(one, parts)
-        if errors:
-            raise errors[0]
+        """The limit: psycopg COPY FROM STDIN of the pre-generated CSV, one transaction per
+        stream; 2 streams (the CSV cut in half at a line end) run in 2 forked processes."""
+        global _SHARED_CSV
+        _SHARED_CSV = self.pg_csv
+        n = len(self.pg_csv)
+        bounds = [(0, n)] if streams == 1 else [(0, self.pg_csv.index(b"\n", n // 2) + 1), (self.pg_csv.index(b"\n", n // 2) + 1, n)]
+        kw = self.pg_kwargs("pg-write")
+        sql = f"COPY {PG_SCHEMA}.{DST} ({', '.join(COLS)}) FROM STDIN WITH (FORMAT csv)"
+        _run_streams(_pg_copy_in, [(kw, sql, a, b) for a, b in bounds])
         return {}
 
-    def load_data(self) -> dict[str, Any]:
-        """MariaDB's limit: LOAD DATA LOCAL INFILE over the same TLS login as the library."""
-        import ssl
-
-        import pymysql
-
-        r = self.role("my-write")
-        my = self.stack.mysql
-        conn = pymysql.connect(host=my.host, port=my.port, user=r.db_user, password=self.token("my-write"),
-                               database=my.database, ssl=ssl.create_default_context(cafile=str(self.stack.ca_bundle)),
-                               local_infile=True, autocommit=False)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SET time_zone = '+00:00'")
-                cur.execute(f"LOAD DATA LOCAL INFILE '{self.my_tsv}' INTO TABLE `{DST}` ({', '.join(COLS)})")
-            conn.commit()
-        finally:
-            conn.close()
+    def load_data(self, streams: int = 1) -> dict[str, Any]:
+        """MariaDB's limit: LOAD DATA LOCAL INFILE over the same TLS login as the library;
+        2 streams load the two halves of the file from 2 forked processes."""
+        kw = self.my_kwargs("my-write")
+        files = [self.my_tsv] if streams == 1 else [self.my_tsv.with_suffix(f".{i}.tsv") for i in (1, 2)]
+        _run_streams(_my_load, [(kw, str(f), DST) for f in files])
         return {}
 
     def run_writes(self) -> None:
@@ -781,15 +776,103 @@ def _jar_version(path: str) -> str:
 # -- stream helpers ---------------------------------------------------------------------------
 
 
-def _fan_out(fn: Callable[[int, Any], None], parts: list[Any]) -> None:
-    if len(parts) == 1:
-        fn(0, parts[0])
-        return
-    threads = [threading.Thread(target=fn, args=(i, p)) for i, p in enumerate(parts)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+_SHARED_CSV: bytes = b""
+
+
+def _run_streams(fn: Callable[..., Any], jobs: list[tuple[Any, ...]]) -> list[Any]:
+    """One job in this process; several in forked processes (no GIL shared), results in order."""
+    if len(jobs) == 1:
+        return [fn(*jobs[0])]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the child inherits the pre-built arguments and the CSV
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_stream_child, args=(fn, i, job, queue), daemon=True) for i, job in enumerate(jobs)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in procs:
+            i, ok, value = queue.get(timeout=1800)
+            if not ok:
+                raise RuntimeError(f"stream {i} failed: {value}")
+            results[i] = value
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    return [results[i] for i in range(len(jobs))]
+
+
+def _stream_child(fn: Callable[..., Any], i: int, job: tuple[Any, ...], queue: Any) -> None:
+    try:
+        queue.put((i, True, fn(*job)))
+    except BaseException as e:  # noqa: BLE001
+        queue.put((i, False, f"{type(e).__name__}: {e}"))
+
+
+def _pg_copy_out(kw: dict[str, Any], sql: str, arrow: bool) -> tuple[int, int]:
+    import psycopg
+
+    with psycopg.connect(**kw) as conn, conn.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        with cur.copy(sql) as copy:
+            return _arrow_rows(copy) if arrow else _count_bytes(copy)
+
+
+def _pg_copy_in(kw: dict[str, Any], sql: str, start: int, end: int) -> int:
+    import psycopg
+
+    data = memoryview(_SHARED_CSV)[start:end]
+    with psycopg.connect(**kw) as conn:
+        with conn.cursor() as cur, cur.copy(sql) as copy:
+            for at in range(0, len(data), 1 << 20):
+                copy.write(data[at : at + (1 << 20)])
+        conn.commit()
+    return end - start
+
+
+def _my_load(kw: dict[str, Any], path: str, table: str) -> int:
+    import ssl
+
+    import pymysql
+
+    kw = dict(kw)
+    ctx = ssl.create_default_context(cafile=kw.pop("ca"))
+    conn = pymysql.connect(**kw, ssl=ctx, local_infile=True, autocommit=False, charset="utf8mb4")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET time_zone = '+00:00'")
+            cur.execute(f"LOAD DATA LOCAL INFILE '{path}' INTO TABLE `{table}` ({', '.join(COLS)})")
+            n = cur.rowcount
+        conn.commit()
+    finally:
+        conn.close()
+    return n
+
+
+def _my_fetch(kw: dict[str, Any], sql: str) -> int:
+    import ssl
+
+    import pymysql
+    import pymysql.cursors
+
+    kw = dict(kw)
+    ctx = ssl.create_default_context(cafile=kw.pop("ca"))
+    conn = pymysql.connect(**kw, ssl=ctx, autocommit=False, charset="utf8mb4")
+    rows = 0
+    try:
+        with conn.cursor(pymysql.cursors.SSCursor) as cur:
+            cur.execute(sql)
+            while True:
+                got = cur.fetchmany(10_000)
+                if not got:
+                    break
+                rows += len(got)
+    finally:
+        conn.close()
+    return rows
 
 
 def _count_bytes(copy: Any) -> tuple[int, int]:
@@ -914,17 +997,21 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
             f"## Reads ({rows:,} rows, fully materialised)",
             "",
             "Spark variants run `df.write.format(\"noop\").mode(\"overwrite\").save()`; the time includes building "
-            "the DataFrame (`read_table()` or `spark.read.jdbc()`). The limits run in the bench process: "
-            "`COPY (SELECT ...) TO STDOUT (FORMAT csv)` through psycopg, counting bytes (raw) or parsed by "
-            "pyarrow's streaming CSV reader into record batches (the parse limit); 2 streams split the key range "
-            "in half, one connection and thread each. The PostgreSQL limit is the faster of 1 and 2 streams in "
-            "each repeat. MariaDB has no COPY: its limit column uses PyMySQL's unbuffered cursor "
-            "(rows fetched and discarded), the driver `read_table` itself uses.",
+            "the DataFrame (`read_table()` or `spark.read.jdbc()`). The limits log in like the library (IAM "
+            "token, TLS `verify-full`): `COPY (SELECT ...) TO STDOUT (FORMAT csv)` through psycopg, counting "
+            "bytes (raw) or parsed by pyarrow's streaming CSV reader into record batches with the table's types "
+            "(the parse limit). *1 stream* runs in the bench process; *2 processes* split the key range in half "
+            "and run in two forked processes (no shared GIL, as Spark's two Python workers). The limit used for "
+            "the ratio is the faster of the two in each repeat. MariaDB has no COPY: its limit is PyMySQL's "
+            "unbuffered cursor (rows fetched, converted and discarded), the driver `read_table` itself uses.",
             "",
-            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: PyMySQL) | × COPY→Arrow limit | × JDBC defaults | × JDBC tuned | peak RSS MB | Δ RSS MB |",
+            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: PyMySQL) | × COPY→Arrow limit | × JDBC defaults | × JDBC tuned | peak memory MB | Δ memory MB |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for x in b.groups["reads"]:
+            if not x.runs:
+                L.append(f"| {x.label} | failed | | | | | | | | |")
+                continue
             eng = "pg" if "_pg" in x.key else "my"
             limit, parse = (pg_limit, pg_parse) if eng == "pg" else (my_limit, None)
             L.append(
@@ -942,17 +1029,22 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
             f"({b.facts.get('write_df_partitions')} partitions). Append variants start from an empty target "
             "(`TRUNCATE` before each run, not timed); the upsert runs over a target that already holds every key "
             "(so every row is an update). The PostgreSQL limit is `COPY ... FROM STDIN (FORMAT csv)` through "
-            "psycopg of the same rows pre-generated as CSV in memory (the faster of 1 stream and 2 streams "
-            "splitting the CSV in half, per repeat); MariaDB's is `LOAD DATA LOCAL INFILE` of the same rows "
-            "(from `/dev/shm`) over PyMySQL. Spark JDBC runs with its defaults (`batchsize` 1000, one "
-            "connection per partition) and no driver tuning properties.",
+            "psycopg of the same rows pre-generated as CSV in memory; MariaDB's is `LOAD DATA LOCAL INFILE` of "
+            "the same rows (written by `SELECT ... INTO OUTFILE` to `/dev/shm`) over PyMySQL. Both log in like "
+            "the library (IAM token, TLS). *2 processes* cut the input in half and load from two forked "
+            "processes, each in its own transaction; the limit for the ratio is the faster of 1 and 2 in each "
+            "repeat. Spark JDBC runs with its defaults (`batchsize` 1000, one connection per partition) and no "
+            "driver tuning properties.",
             "",
-            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: LOAD DATA) | speed-up over Spark JDBC defaults | peak RSS MB | Δ RSS MB |",
+            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: LOAD DATA) | speed-up over Spark JDBC defaults | peak memory MB | Δ memory MB |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for x in b.groups["writes"]:
+            if not x.runs:
+                L.append(f"| {x.label} | failed | | | | | | |")
+                continue
             eng = "pg" if "_pg" in x.key else "my"
-            limit = pg_limit if eng == "pg" else [v["load_data_my"]]
+            limit = pg_limit if eng == "pg" else [v["load_data_my"], v["load_data_my_x2"]]
             jd = v[f"jdbc_default_{eng}"]
             speed = _paired(jd, [x])
             L.append(f"| {x.label} | {x.median():.2f} | {_runs(x)} | {rows / x.median():,.0f} | {_fmt(_paired(x, limit))} | "
@@ -993,14 +1085,17 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
     L += [
         "## How memory is measured",
         "",
-        "psutil is not installed; the bench reads `/proc/<pid>/statm` (resident pages) every 50 ms for the bench "
-        "process (the Spark driver's Python side, which also runs the COPY/LOAD DATA limits) and all of its "
-        "descendants (the driver JVM, the PySpark daemon and its Python workers), re-reading the process tree "
-        "every 0.5 s, and excludes the local stack's servers (moto, PostgreSQL, MariaDB: they stand in for "
-        "Aurora). *peak RSS* is the largest sum seen during the run; *Δ RSS* is that peak minus the sum at the "
-        "start of the run. Before each run the bench calls `gc.collect()` and the JVM's `System.gc()` (G1 "
+        "psutil is not installed; the bench reads `/proc` directly. It sums the memory of the bench process "
+        "(the Spark driver's Python side, which also runs the 1-stream limits) and all of its descendants: the "
+        "driver JVM, the PySpark daemons and their Python workers, and the forked processes of the 2-process "
+        "limits; the local stack's servers (moto, PostgreSQL, MariaDB) are left out (they stand in for "
+        "Aurora). The JVM counts by RSS (`/proc/<pid>/statm`, every 50 ms); Python processes count by PSS "
+        "(`/proc/<pid>/smaps_rollup`, every 200 ms; it costs milliseconds per read), because forked workers "
+        "share pages with their parent and RSS would count those twice. The process tree is re-read every "
+        "0.5 s. *peak* is the largest sum seen during the run; *Δ* is that peak minus the sum at the start of "
+        "the run. Before each run the bench calls `gc.collect()` and the JVM's `System.gc()` (G1 "
         "returns freed heap to the OS after a full GC); the JVM and the reused Python workers still keep some "
-        "memory from earlier runs, so Δ RSS is the clearer per-variant signal and the peak includes a "
+        "memory from earlier runs, so Δ is the clearer per-variant signal and every peak includes a "
         "baseline of about the smallest peak in the table.",
         "",
     ]
@@ -1043,7 +1138,7 @@ def _targets(b: Bench) -> list[str]:
     if "writes" in b.groups:
         v = {x.key: x for x in b.groups["writes"]}
         for eng, name, limit in (("pg", "PostgreSQL", [v["copy_in_pg"], v["copy_in_pg_x2"]]),
-                                 ("my", "MariaDB", [v["load_data_my"]])):
+                                 ("my", "MariaDB", [v["load_data_my"], v["load_data_my_x2"]])):
             for mode in ("append", "upsert"):
                 x = v[f"aurora_{mode}_{eng}"]
                 s = _paired(v[f"jdbc_default_{eng}"], [x])
@@ -1085,7 +1180,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mariadb-isolation", default="READ-COMMITTED",
                    help="MariaDB global tx_isolation for the run ('' keeps the server default REPEATABLE-READ)")
     p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="where to write the report")
+    p.add_argument("--from-json", metavar="RESULTS_JSON",
+                   help="only rewrite the report from a finished run's results.json (e.g. after editing ANALYSIS.md)")
     args = p.parse_args(argv)
+    if args.from_json:
+        b, command, started, elapsed = _load_run(Path(args.from_json))
+        Path(args.out).write_text(report(b, command, started, elapsed) + "\n")
+        log(f"rewrote {args.out} from {args.from_json}")
+        return 0
     if os.geteuid() != 0:
         print("bench: the local stack must run as root (it configures PAM)", file=sys.stderr)
         return 1
@@ -1112,8 +1214,10 @@ def main(argv: list[str] | None = None) -> int:
         text = report(b, command, started, elapsed)
         Path(args.out).write_text(text + "\n")
         raw = {
-            "command": command, "started": started.isoformat(), "rows": b.rows, "facts": b.facts,
-            "groups": {g: {v.key: [r.__dict__ for r in v.runs] for v in vs} for g, vs in b.groups.items()},
+            "command": command, "started": started.isoformat(), "elapsed": elapsed, "rows": b.rows,
+            "args": vars(args), "facts": b.facts,
+            "groups": {g: [{"key": v.key, "label": v.label, "failed": v.failed, "runs": [r.__dict__ for r in v.runs]}
+                           for v in vs] for g, vs in b.groups.items()},
             "handshake": b.handshake, "sts": b.sts_calls, "notes": b.notes,
         }
         Path(args.out).with_name(Path(args.out).stem.lower() + ".json").write_text(
@@ -1122,6 +1226,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         b.stop()
     return 0
+
+
+def _load_run(path: Path) -> tuple[Bench, str, datetime, float]:
+    raw = json.loads(path.read_text())
+    b = Bench(argparse.Namespace(**raw["args"]))
+    b.facts, b.handshake, b.sts_calls, b.notes = raw["facts"], raw["handshake"], raw["sts"], raw["notes"]
+    for g, vs in raw["groups"].items():
+        b.groups[g] = [Variant(v["key"], v["label"], lambda: None, runs=[Run(**r) for r in v["runs"]],
+                               failed=v["failed"]) for v in vs]
+    return b, raw["command"], datetime.fromisoformat(raw["started"]), float(raw["elapsed"])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Each survived fault is counted (``tests/support/leaks.tally``) for docs/SECURITY
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import socket
@@ -306,6 +305,10 @@ def test_database_restarted_during_a_read_job(world, env, spark, waves_table):
     tally("fault", "PostgreSQL restarted during a read job")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: writes.write_table opens its driver connection before the Spark job and "
+    "publishes with it afterwards; a restart/failover during the job kills it and the user gets "
+    "a raw psycopg AdminShutdown although every row is staged (reconnect before _publish)"))
 def test_database_restarted_during_a_write_job(world, env, spark):
     """The server restarts while write tasks run: the write either lands every row exactly
     once or fails with one AuroraDbxError, and then the target is exactly as before."""
@@ -466,6 +469,9 @@ def test_sts_throttling_beyond_the_retry_budget_then_recovery(world, env):
     tally("fault", "STS throttling beyond the retry budget, then recovery")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: credentials.RoleSession does not remember a denial; every task attempt "
+    "asks STS again (10 AssumeRole calls for one job)"))
 def test_sts_access_denied_in_a_spark_job_is_one_call_not_a_retry_storm(world, env, spark, waves_table):
     """The role session ends and STS now denies the role: 6 tasks (and Spark's 4 attempts
     each) all need a token, yet STS sees one AssumeRole, and the user one clear error."""
@@ -489,28 +495,49 @@ def test_sts_access_denied_in_a_spark_job_is_one_call_not_a_retry_storm(world, e
 # -- Databricks workspace API -------------------------------------------------------------------
 
 
-def _bounded_sdk(seconds: int):
+def _resolve_within(ctx, seconds: float):
+    """whoami() on a daemon thread: (principal or exception, elapsed), or None if still busy."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            box["result"] = ctx.whoami()
+        except BaseException as e:  # judged by the caller
+            box["result"] = e
+        box["elapsed"] = time.monotonic() - started
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    return None if t.is_alive() else (box["result"], box["elapsed"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: identity.databricks_sdk_resolver probes with a bare databricks.sdk Config(), "
+    "which fetches /.well-known/databricks-config with the SDK's default 300 s retry budget "
+    "(minutes of hanging while the workspace is down); the budget should bound the whole "
+    "resolution (proposed: identity.WORKSPACE_API_TIMEOUT_SECONDS, read at call time)"))
+@pytest.mark.parametrize("fault", ["down", "slow"])
+def test_workspace_api_down_or_slow_is_one_bounded_identity_error_then_works(world, env, fault, monkeypatch):
+    """The real resolver chain, with the workspace budget cut to 3 s so the test is quick."""
     from aurora_dbx import identity
 
-    return [identity.databricks_sdk_resolver(me=functools.partial(identity._sdk_me, timeout_seconds=seconds))]
-
-
-@pytest.mark.parametrize("fault", ["down", "slow"])
-def test_workspace_api_down_or_slow_is_one_bounded_identity_error_then_works(world, env, fault):
+    monkeypatch.setattr(identity, "WORKSPACE_API_TIMEOUT_SECONDS", 3, raising=False)
     env(ANALYST)
     ws = world.stack
-    ctx = aurora_dbx.configure(resolvers=_bounded_sdk(3))
+    ctx = aurora_dbx.configure()
     try:
         if fault == "down":
             ws.databricks_down = True
         else:
             ws.databricks_delay_seconds = 8
-        started = time.monotonic()
-        with pytest.raises(IdentityError) as e:
-            ctx.whoami()
-        elapsed = time.monotonic() - started
-        assert "SCIM Me failed" in str(e.value) and "DATABRICKS_HOST" in str(e.value)
-        assert elapsed < 15, f"identity resolution took {elapsed:.1f}s with a 3 s budget"
+        outcome = _resolve_within(ctx, 20)
+        assert outcome is not None, "identity resolution still running after 20 s (budget 3 s)"
+        error, elapsed = outcome
+        assert isinstance(error, IdentityError), error
+        assert "SCIM Me failed" in str(error) and "DATABRICKS_HOST" in str(error)
+        assert elapsed < 12, f"identity resolution took {elapsed:.1f}s with a 3 s budget"
     finally:
         ws.databricks_down = False
         ws.databricks_delay_seconds = 0
@@ -522,9 +549,10 @@ def test_workspace_api_slow_but_within_budget_still_resolves(world, env):
     env(ANALYST)
     world.stack.databricks_delay_seconds = 1
     try:
-        assert aurora_dbx.configure(resolvers=_bounded_sdk(5)).whoami().name == ANALYST
+        outcome = _resolve_within(aurora_dbx.configure(), 30)
     finally:
         world.stack.databricks_delay_seconds = 0
+    assert outcome is not None and getattr(outcome[0], "name", None) == ANALYST, outcome
     tally("fault", "Databricks workspace API slow within budget")
 
 
@@ -577,6 +605,9 @@ def test_audit_sink_unwritable_fail_open_proceeds_with_one_warning(world, env, s
     tally("fault", "audit sink unwritable, fail_closed: false")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: credentials.RoleSession.credentials() turns the AuditError its listener "
+    "raises during the refresh into SessionExpired ('expired and could not be renewed')"))
 def test_audit_sink_unwritable_fail_closed_refuses_access_and_writes_nothing(world, env, spark, tmp_path):
     pg = world.stack.postgres
     pg.execute_admin("DROP TABLE IF EXISTS features.fault_audit_closed")
@@ -596,6 +627,9 @@ def test_audit_sink_unwritable_fail_closed_refuses_access_and_writes_nothing(wor
     tally("fault", "audit sink unwritable, fail_closed: true")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: writes.write_table commits the publish, then emits the write event; with a "
+    "fail-closed policy and a broken sink the rows stay written behind the AuditError"))
 def test_audit_sink_breaking_mid_session_fail_closed_leaves_the_target_unchanged(world, env, spark, tmp_path):
     """The sink works for the role assumption, then breaks (disk gone) before the write's own
     event: a fail-closed policy must not leave data written behind an AuditError."""

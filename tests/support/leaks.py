@@ -141,7 +141,8 @@ def scan(texts: Iterable[tuple[str, str]], secrets: Iterable[Secret]) -> list[Fi
         return []
     chars = set().union(*map(set, secrets))
     sep = next(c for c in ("\x00", "\x01", "\x02", "\u2063") if c not in chars)
-    run = re.compile("[" + "".join(re.escape(c) for c in sorted(chars)) + "]{%d,}" % min(map(len, secrets)))
+    alphabet = "".join(re.escape(c) for c in sorted(chars))
+    run = re.compile(f"[{alphabet}]{{{min(map(len, secrets))},}}")
     where_of: dict[str, str] = {}
     for where, text in texts:
         if text:
@@ -294,7 +295,7 @@ class LeakScan:
         def emit(auditor: Auditor, event: Any) -> None:
             try:
                 audit.append(event.to_json())
-            except Exception:  # noqa: BLE001 - the sink will say so itself
+            except Exception:  # noqa: BLE001, S110 - the sink will say so itself
                 pass
             original(auditor, event)
 
@@ -449,7 +450,7 @@ class Plugin:
             if scan is not None and "mlflow" in sys.modules:
                 try:
                     scan.mlflow_uri = sys.modules["mlflow"].get_tracking_uri()
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001, S110
                     pass
 
     def pytest_sessionfinish(self, session: Any) -> None:

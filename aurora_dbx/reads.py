@@ -242,7 +242,22 @@ def read_table(
                                      role=chosen.name, db_user=chosen.db_user, cluster=target.name,
                                      table=",".join(outside), reason=str(err), project=ctx.policy.project))
                 raise err
-        cols = _describe(conn, target, select, relation)
+        try:
+            cols = _describe(conn, target, select, relation)
+        except SchemaMismatch:
+            raise
+        except Exception as e:
+            if _is_permission_error(e):
+                raise AccessDenied(
+                    f"the database refused {chosen.db_user} (role {chosen.name}) reading {name}: "
+                    f"{str(e).strip().splitlines()[0]}; the role's GRANTs do not match the policy "
+                    "(re-apply `aurora-dbx plan`)"
+                ) from None
+            if type(e).__module__.split(".")[0] in ("psycopg", "pymysql"):
+                raise SchemaMismatch(
+                    f"cannot read {'the query' if query else name}: {str(e).strip().splitlines()[0]}"
+                ) from None
+            raise
         num = options.get("num_partitions")
         if num is not None and (not isinstance(num, int) or num < 1):
             raise ValueError("num_partitions must be a positive integer")

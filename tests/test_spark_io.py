@@ -388,3 +388,12 @@ def test_plan_strings_hold_no_token_or_capability(world, env, spark, capsys):
     df.explain(True)
     plan = capsys.readouterr().out + df._jdf.queryExecution().toString()
     assert "X-Amz" not in plan and "capability" not in plan and "spec" not in plan.lower().split("==")[0]
+
+
+def test_unknown_column_or_table_is_one_clear_error(world, env, spark):
+    env(ANALYST)
+    aurora_dbx.configure(spark=spark)
+    with pytest.raises(SchemaMismatch, match='column "nope" does not exist'):
+        aurora_dbx.read_table("public.customers", cluster="analytics", columns=["id", "nope"])
+    with pytest.raises(SchemaMismatch, match="does not exist"):
+        aurora_dbx.read_table("public.no_such_table", cluster="analytics")

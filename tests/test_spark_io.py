@@ -397,3 +397,25 @@ def test_unknown_column_or_table_is_one_clear_error(world, env, spark):
         aurora_dbx.read_table("public.customers", cluster="analytics", columns=["id", "nope"])
     with pytest.raises(SchemaMismatch, match="does not exist"):
         aurora_dbx.read_table("public.no_such_table", cluster="analytics")
+
+
+def test_mysql_concurrent_partitions_do_not_deadlock(world, env, spark):
+    """Two tasks staging at once under MySQL's default REPEATABLE READ used to deadlock."""
+    my = world.stack.mysql
+    db = my.database
+    assert my.execute_admin("SELECT @@global.tx_isolation")[0][0] == "REPEATABLE-READ"
+    my.execute_admin(f"DROP TABLE IF EXISTS `{db}`.`bulk`")
+    my.execute_admin(f"CREATE TABLE `{db}`.`bulk` (id BIGINT PRIMARY KEY, v DOUBLE, label VARCHAR(40))")
+    as_sp(env, spark)
+    from pyspark.sql import functions as F
+
+    @F.udf("double")
+    def half(i):
+        if i % 30000 == 0:  # first row of each partition: both tasks have cleared their partition by now
+            time.sleep(1.5)
+        return i * 0.5
+
+    df = spark.range(0, 60000, numPartitions=2).select("id", half("id").alias("v"), F.concat(F.lit("row-"), "id").alias("label"))
+    assert aurora_dbx.write_table(df, f"{db}.bulk", cluster="orders") == 60000
+    assert aurora_dbx.write_table(df, f"{db}.bulk", cluster="orders", mode="upsert", key=["id"]) == 60000
+    assert my.execute_admin(f"SELECT count(*), count(DISTINCT id), sum(v) FROM `{db}`.`bulk`") == [(60000, 60000, 899985000.0)]

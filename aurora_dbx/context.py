@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -31,6 +33,8 @@ __all__ = ["Context", "configure", "current_context"]
 
 POLICY_ENV = "AURORA_DBX_POLICY"
 POLICY_SPARK_CONF = "spark.aurora_dbx.policy"
+# A pooled metadata connection older than this is replaced (well inside server idle limits).
+IDLE_CONNECTION_SECONDS = 300
 
 
 def _spark_conf_policy(spark: Any) -> str | None:
@@ -92,6 +96,7 @@ class Context:
             listener=self._on_assume, token_provider=token_provider, retry_sleep=retry_sleep,
         )
         self.tokens = TokenCache(clock)
+        self._idle: dict[tuple[str, bool], tuple[Any, float]] = {}
 
     # -- identity and decisions -----------------------------------------------------
 
@@ -176,6 +181,33 @@ class Context:
             read_only=read_only, tags=self.connection_tags(self.principal(), extra_tags),
         )
 
+    @contextmanager
+    def borrow(self, role: Role, *, read_only: bool) -> Iterator[Any]:
+        """A driver-side connection from a one-per-role idle pool (for metadata queries).
+
+        Reused only if it is younger than ``IDLE_CONNECTION_SECONDS`` and answers a ping;
+        returned to the pool only if the caller's block finished cleanly.
+        """
+        key = (role.name, read_only)
+        with self._lock:
+            conn, since = self._idle.pop(key, (None, 0.0))
+        if conn is not None and (time.monotonic() - since > IDLE_CONNECTION_SECONDS or not _alive(conn)):
+            _close_quietly(conn)
+            conn = None
+        if conn is None:
+            conn = self.open(role, read_only=read_only)
+        try:
+            yield conn
+            conn.rollback()
+        except BaseException:
+            _close_quietly(conn)
+            raise
+        with self._lock:
+            previous = self._idle.pop(key, (None, 0.0))[0]
+            self._idle[key] = (conn, time.monotonic())
+        if previous is not None:
+            _close_quietly(previous)
+
     def connect(self, *, cluster: str | None = None, role: str | None = None, access: Access = "read") -> Any:
         p, chosen, target = self.decide(None, access, cluster=cluster, role=role)
         conn = open_connection(
@@ -189,6 +221,25 @@ class Context:
             cluster=target.name, project=self.policy.project, mode=access,
         ))
         return conn
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        if hasattr(conn, "ping"):  # PyMySQL
+            conn.ping(reconnect=False)
+        else:  # psycopg
+            conn.execute("SELECT 1").fetchone()
+            conn.rollback()
+        return True
+    except Exception:
+        return False
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: S110 - it is being discarded
+        pass
 
 
 def _active_mlflow_run_id() -> str | None:

@@ -21,6 +21,11 @@ _PATTERNS = [
     re.compile(r"((?:Bearer|bearer|Basic)\s+)[A-Za-z0-9._~+/=-]{8,}"),
     # STS responses as botocore logs them at DEBUG (XML body)
     re.compile(r"(<(?:SecretAccessKey|SessionToken)>)[^<]+"),
+    # the session token as a signed header in botocore's DEBUG canonical requests
+    # (and as a header in request reprs: 'X-Amz-Security-Token': b'...')
+    re.compile(r"((?i:x-amz-security-token)['\"]?\s*:\s*b?['\"]?)[^\s'\",}]+"),
+    # the signature in an Authorization header
+    re.compile(r"(Signature=)[0-9a-f]{64}"),
     # SigV4 signatures botocore logs at DEBUG while signing (a token's last part)
     re.compile(r"(Signature:\s*)[0-9a-f]{64}"),
     # AWS secret access keys / session tokens printed as key=value or JSON

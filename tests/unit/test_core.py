@@ -133,3 +133,20 @@ def test_sts_names_are_valid_and_traceable():
     assert role_session_name(long) != role_session_name(Principal(name="a" * 101 + "@example.com", kind="user"))
     odd = Principal(name="we!rd name#", kind="user")
     assert re.fullmatch(r"[\w+=,.@-]{2,64}", source_identity(odd))
+
+
+@pytest.mark.parametrize(
+    "text, secret",
+    [
+        ("Response body: b'<SecretAccessKey>wJalrXUtnFEMI/K7MDENG</SecretAccessKey>'", "wJalrXUtnFEMI/K7MDENG"),
+        ("<SessionToken>FQoGZXIvYXdzEXAMPLE==</SessionToken>", "FQoGZXIvYXdzEXAMPLE=="),
+        ("CanonicalRequest:\nPOST\n/\n\nhost:sts\nx-amz-security-token:FQoGZXIvYXdzEXAMPLE==\n", "FQoGZXIvYXdzEXAMPLE=="),
+        ("headers={'X-Amz-Security-Token': b'FQoGZXIvYXdzEXAMPLE=='}", "FQoGZXIvYXdzEXAMPLE=="),
+        ("Signature:\n" + "ab" * 32, "ab" * 32),
+        ("Credential=ASIA/x, SignedHeaders=host, Signature=" + "cd" * 32, "cd" * 32),
+    ],
+)
+def test_botocore_debug_shapes_are_scrubbed_even_unregistered(text, secret):
+    """botocore logs STS responses, canonical requests and signatures at DEBUG before the
+    library ever sees the values; the shapes are masked regardless (found by the leak scan)."""
+    assert secret not in scrub(text)

@@ -229,18 +229,21 @@ def write_partition(spec: dict[str, Any], batches: Iterator[Any]) -> Iterator[An
 
     tc = TaskContext.get()
     part = tc.partitionId() if tc is not None else 0
+    # A first attempt has nothing of its own to clear; retries, speculative copies and
+    # re-run stages replace whatever an earlier attempt of this partition committed.
+    retry = tc is None or tc.attemptNumber() > 0 or tc.stageAttemptNumber() > 0
     conn = _connect(spec, read_only=False)
     try:
         if spec["cluster"]["engine"] == "postgresql":
-            rows = _write_postgres(conn, spec, part, batches)
+            rows = _write_postgres(conn, spec, part, batches, retry)
         else:
-            rows = _write_mysql(conn, spec, part, batches)
+            rows = _write_mysql(conn, spec, part, batches, retry)
     finally:
         conn.close()
     yield pa.RecordBatch.from_pydict({"part": pa.array([part], pa.int32()), "rows": pa.array([rows], pa.int64())})
 
 
-def _write_postgres(conn: Any, spec: dict[str, Any], part: int, batches: Iterator[Any]) -> int:
+def _write_postgres(conn: Any, spec: dict[str, Any], part: int, batches: Iterator[Any], retry: bool) -> int:
     import pyarrow as pa
     from pyarrow import csv
 
@@ -251,7 +254,8 @@ def _write_postgres(conn: Any, spec: dict[str, Any], part: int, batches: Iterato
         # Two attempts of the same partition (retry, speculation) take turns; the later
         # one replaces the earlier one's rows instead of adding to them.
         cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (spec["lock_key"], part))
-        cur.execute(f"DELETE FROM {stage} WHERE _adbx_part = %s", (part,))  # noqa: S608 - quoted identifiers
+        if retry:
+            cur.execute(f"DELETE FROM {stage} WHERE _adbx_part = %s", (part,))  # noqa: S608 - quoted identifiers
         with cur.copy(f"COPY {stage} ({cols}, _adbx_part) FROM STDIN WITH (FORMAT csv)") as copy:
             for batch in batches:
                 if batch.num_rows == 0:
@@ -265,7 +269,7 @@ def _write_postgres(conn: Any, spec: dict[str, Any], part: int, batches: Iterato
     return rows
 
 
-def _write_mysql(conn: Any, spec: dict[str, Any], part: int, batches: Iterator[Any]) -> int:
+def _write_mysql(conn: Any, spec: dict[str, Any], part: int, batches: Iterator[Any], retry: bool) -> int:
     stage = spec["stage"]
     cols = ", ".join(spec["stage_columns"])
     lock = f"adbx:{spec['lock_key']}:{part}"
@@ -279,7 +283,8 @@ def _write_mysql(conn: Any, spec: dict[str, Any], part: int, batches: Iterator[A
         cur.execute("SELECT GET_LOCK(%s, 600)", (lock,))
         try:
             conn.begin()
-            cur.execute(f"DELETE FROM {stage} WHERE _adbx_part = %s", (part,))  # noqa: S608
+            if retry:
+                cur.execute(f"DELETE FROM {stage} WHERE _adbx_part = %s", (part,))  # noqa: S608
             placeholders = ", ".join(["%s"] * (len(spec["stage_columns"]) + 1))
             sql = f"INSERT INTO {stage} ({cols}, _adbx_part) VALUES ({placeholders})"  # noqa: S608
             for batch in batches:

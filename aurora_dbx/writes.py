@@ -250,12 +250,13 @@ def _create_stage(conn: Any, target: Cluster, name: TableName, stage: str, qcols
         if target.engine == "postgresql":
             # UNLOGGED: staged rows need no WAL; the publish into the target is logged.
             cur.execute(f"CREATE UNLOGGED TABLE {stage} AS SELECT {', '.join(qcols)} FROM {name.quoted(target.engine)} WITH NO DATA")
+            # No index on the partition column: it would slow every COPY, and only a retried
+            # task's clean-up DELETE (rare) needs to find its rows.
             cur.execute(f"ALTER TABLE {stage} ADD COLUMN _adbx_part integer NOT NULL")
-            cur.execute(f"CREATE INDEX ON {stage} (_adbx_part)")
         else:
             # One statement (no ALTER privilege needed): the extra column plus the target's.
             cur.execute(
-                f"CREATE TABLE {stage} (_adbx_part INT NOT NULL DEFAULT 0, INDEX (_adbx_part)) "
+                f"CREATE TABLE {stage} (_adbx_part INT NOT NULL DEFAULT 0) "
                 f"SELECT {', '.join(qcols)} FROM {name.quoted(target.engine)} WHERE 1=0"
             )
     conn.commit()

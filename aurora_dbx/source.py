@@ -7,9 +7,9 @@ at connect time, so tasks work however late or in however many waves they run.
 
 Reads stream: PostgreSQL through ``COPY (SELECT ...) TO STDOUT`` parsed by Arrow's CSV
 reader, MySQL through an unbuffered cursor; both yield Arrow record batches.
-Writes stage: each task replaces its own partition's rows in a private stage table in
-one transaction (serialised per partition by a lock), so a retried or speculative task
-never duplicates rows; the driver publishes the stage in one transaction afterwards.
+Writes stage: each task attempt loads its rows, tagged with its attempt id, into a private
+stage table in one transaction; the driver publishes only the attempts Spark accepted (one
+per partition), in one transaction, so a retried or speculative task never duplicates rows.
 """
 
 from __future__ import annotations
@@ -223,27 +223,34 @@ def _csv_ready(batch: Any) -> Any:
 
 
 def write_partition(spec: dict[str, Any], batches: Iterator[Any]) -> Iterator[Any]:
-    """mapInArrow body: replace this partition's rows in the stage table, atomically."""
+    """mapInArrow body: load this task attempt's rows into the stage in one transaction.
+
+    Rows carry the task *attempt* id (unique across the application). A failed attempt
+    rolls back; an attempt that committed but lost (a speculative copy, a task re-run after
+    its result was lost) leaves rows the publish ignores, because the driver publishes only
+    the attempts whose results Spark returned: one per partition.
+    """
     import pyarrow as pa
     from pyspark import TaskContext
 
     tc = TaskContext.get()
     part = tc.partitionId() if tc is not None else 0
-    # A first attempt has nothing of its own to clear; retries, speculative copies and
-    # re-run stages replace whatever an earlier attempt of this partition committed.
-    retry = tc is None or tc.attemptNumber() > 0 or tc.stageAttemptNumber() > 0
+    attempt = tc.taskAttemptId() if tc is not None else 0
     conn = _connect(spec, read_only=False)
     try:
         if spec["cluster"]["engine"] == "postgresql":
-            rows = _write_postgres(conn, spec, part, batches, retry)
+            rows = _write_postgres(conn, spec, attempt, batches)
         else:
-            rows = _write_mysql(conn, spec, part, batches, retry)
+            rows = _write_mysql(conn, spec, attempt, batches)
     finally:
         conn.close()
-    yield pa.RecordBatch.from_pydict({"part": pa.array([part], pa.int32()), "rows": pa.array([rows], pa.int64())})
+    yield pa.RecordBatch.from_pydict({
+        "part": pa.array([part], pa.int32()), "attempt": pa.array([attempt], pa.int64()),
+        "rows": pa.array([rows], pa.int64()),
+    })
 
 
-def _write_postgres(conn: Any, spec: dict[str, Any], part: int, batches: Iterator[Any], retry: bool) -> int:
+def _write_postgres(conn: Any, spec: dict[str, Any], attempt: int, batches: Iterator[Any]) -> int:
     import pyarrow as pa
     from pyarrow import csv
 
@@ -251,17 +258,12 @@ def _write_postgres(conn: Any, spec: dict[str, Any], part: int, batches: Iterato
     cols = ", ".join(spec["stage_columns"])
     rows = 0
     with conn.transaction(), conn.cursor() as cur:
-        # Two attempts of the same partition (retry, speculation) take turns; the later
-        # one replaces the earlier one's rows instead of adding to them.
-        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (spec["lock_key"], part))
-        if retry:
-            cur.execute(f"DELETE FROM {stage} WHERE _adbx_part = %s", (part,))  # noqa: S608 - quoted identifiers
-        with cur.copy(f"COPY {stage} ({cols}, _adbx_part) FROM STDIN WITH (FORMAT csv)") as copy:
+        with cur.copy(f"COPY {stage} ({cols}, _adbx_attempt) FROM STDIN WITH (FORMAT csv)") as copy:
             for batch in batches:
                 if batch.num_rows == 0:
                     continue
                 batch = _csv_ready(batch)
-                batch = batch.append_column("_adbx_part", pa.array([part] * batch.num_rows, pa.int32()))
+                batch = batch.append_column("_adbx_attempt", pa.array([attempt] * batch.num_rows, pa.int64()))
                 buf = io.BytesIO()
                 csv.write_csv(batch, buf, csv.WriteOptions(include_header=False, quoting_style="needed"))
                 copy.write(buf.getbuffer())
@@ -269,24 +271,16 @@ def _write_postgres(conn: Any, spec: dict[str, Any], part: int, batches: Iterato
     return rows
 
 
-def _write_mysql(conn: Any, spec: dict[str, Any], part: int, batches: Iterator[Any], retry: bool) -> int:
+def _write_mysql(conn: Any, spec: dict[str, Any], attempt: int, batches: Iterator[Any]) -> int:
     stage = spec["stage"]
     cols = ", ".join(spec["stage_columns"])
-    lock = f"adbx:{spec['lock_key']}:{part}"
     rows = 0
     with conn.cursor() as cur:
         cur.execute("SET time_zone = '+00:00'")
-        # Under REPEATABLE READ (MySQL's default) the partition DELETE takes gap locks on
-        # the stage, and two tasks inserting at once deadlock; their rows never overlap, so
-        # READ COMMITTED is exact here.
-        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        cur.execute("SELECT GET_LOCK(%s, 600)", (lock,))
         try:
             conn.begin()
-            if retry:
-                cur.execute(f"DELETE FROM {stage} WHERE _adbx_part = %s", (part,))  # noqa: S608
             placeholders = ", ".join(["%s"] * (len(spec["stage_columns"]) + 1))
-            sql = f"INSERT INTO {stage} ({cols}, _adbx_part) VALUES ({placeholders})"  # noqa: S608
+            sql = f"INSERT INTO {stage} ({cols}, _adbx_attempt) VALUES ({placeholders})"  # noqa: S608
             for batch in batches:
                 if batch.num_rows == 0:
                     continue
@@ -294,13 +288,11 @@ def _write_mysql(conn: Any, spec: dict[str, Any], part: int, batches: Iterator[A
                 values = list(zip(*data.values(), strict=True))
                 # PyMySQL turns executemany INSERT ... VALUES into multi-row statements.
                 for start in range(0, len(values), MYSQL_BATCH_ROWS):
-                    chunk = [(*v, part) for v in values[start : start + MYSQL_BATCH_ROWS]]
+                    chunk = [(*v, attempt) for v in values[start : start + MYSQL_BATCH_ROWS]]
                     cur.executemany(sql, chunk)
                 rows += batch.num_rows
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
-        finally:
-            cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
     return rows

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-import zlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -215,20 +214,22 @@ def write_table(
         spec = {
             "cluster": cluster_spec(target), "db_user": chosen.db_user, "broker": broker.url,
             "capability": capability, "tags": task_tags(ctx), "stage": stage, "stage_columns": qcols,
-            "lock_key": zlib.crc32(stage_name.encode()) & 0x7FFFFFFF,
         }
         from .source import write_partition
 
         try:
             results = df.select(*cols).mapInArrow(
-                lambda it, spec=spec: write_partition(spec, it), "part int, rows long"
+                lambda it, spec=spec: write_partition(spec, it), "part int, attempt long, rows long"
             ).collect()
         except Exception as e:
             raise _task_error(e, name) from None
         finally:
             broker.revoke(capability)
+        winners = sorted(int(r["attempt"]) for r in results)
+        if len({r["part"] for r in results}) != len(results):
+            raise AuroraDbxError(f"Spark returned two results for one partition writing {name}; nothing was published")
         staged = sum(r["rows"] for r in results)
-        rows = _publish(conn, target, name, stage, qcols, mode, key, staged)
+        rows = _publish(conn, target, name, stage, qcols, mode, key, staged, winners)
     except BaseException:
         try:
             conn.rollback()
@@ -250,13 +251,12 @@ def _create_stage(conn: Any, target: Cluster, name: TableName, stage: str, qcols
         if target.engine == "postgresql":
             # UNLOGGED: staged rows need no WAL; the publish into the target is logged.
             cur.execute(f"CREATE UNLOGGED TABLE {stage} AS SELECT {', '.join(qcols)} FROM {name.quoted(target.engine)} WITH NO DATA")
-            # No index on the partition column: it would slow every COPY, and only a retried
-            # task's clean-up DELETE (rare) needs to find its rows.
-            cur.execute(f"ALTER TABLE {stage} ADD COLUMN _adbx_part integer NOT NULL")
+            # No index: the publish reads the whole stage once; an index would slow every COPY.
+            cur.execute(f"ALTER TABLE {stage} ADD COLUMN _adbx_attempt bigint NOT NULL")
         else:
             # One statement (no ALTER privilege needed): the extra column plus the target's.
             cur.execute(
-                f"CREATE TABLE {stage} (_adbx_part INT NOT NULL DEFAULT 0) "
+                f"CREATE TABLE {stage} (_adbx_attempt BIGINT NOT NULL DEFAULT 0) "
                 f"SELECT {', '.join(qcols)} FROM {name.quoted(target.engine)} WHERE 1=0"
             )
     conn.commit()
@@ -276,20 +276,23 @@ def _task_error(e: BaseException, table: TableName) -> AuroraDbxError:
 
 
 def _publish(conn: Any, cluster: Cluster, table: TableName, stage: str, qcols: list[str],
-             mode: str, key: Sequence[str] | None, staged: int) -> int:
-    """Move the stage into the target in one transaction."""
+             mode: str, key: Sequence[str] | None, staged: int, winners: list[int]) -> int:
+    """Move the accepted attempts' rows from the stage into the target in one transaction."""
     dialect = dialect_for(cluster)
     target = table.quoted(cluster.engine)
     cols = ", ".join(qcols)
+    # Attempt ids are integers from Spark, rendered by int(): safe to inline.
+    accepted = f"_adbx_attempt IN ({', '.join(str(int(a)) for a in winners) or 'NULL'})"
+    source = f"(SELECT {cols} FROM {stage} WHERE {accepted}) AS adbx_s"
     with conn.cursor() as cur:
-        cur.execute(f"SELECT count(*) FROM {stage}")  # noqa: S608
+        cur.execute(f"SELECT count(*) FROM {stage} WHERE {accepted}")  # noqa: S608
         found = cur.fetchone()[0]
         if found != staged:
             raise AuroraDbxError(f"stage for {table} holds {found} rows but tasks reported {staged}; nothing was published")
         if cluster.engine == "postgresql":
             if mode == "overwrite":
                 cur.execute(f"DELETE FROM {target}")  # noqa: S608
-            sql = f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}"  # noqa: S608
+            sql = f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {source}"  # noqa: S608
             if mode == "upsert":
                 keys = [dialect.quote(k) for k in key or []]
                 others = [c for c in qcols if c not in keys]
@@ -306,7 +309,7 @@ def _publish(conn: Any, cluster: Cluster, table: TableName, stage: str, qcols: l
             conn.begin()
             if mode == "overwrite":
                 cur.execute(f"DELETE FROM {target}")  # noqa: S608
-            sql = f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}"  # noqa: S608
+            sql = f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {source}"  # noqa: S608
             if mode == "upsert":
                 keys = [dialect.quote(k) for k in key or []]
                 others = [c for c in qcols if c not in keys] or keys[:1]

@@ -591,8 +591,7 @@ def test_postgres_write_user_writes_and_stages_in_its_schema_only(pg: Applied) -
         # write_table's stage-and-publish, in one transaction
         stage = f"{feat}._adbx_stage_1_ab"
         _run(conn, f"CREATE UNLOGGED TABLE {stage} AS SELECT id, score FROM {feat}.scores WITH NO DATA")
-        _run(conn, f"ALTER TABLE {stage} ADD COLUMN _adbx_part integer NOT NULL")
-        _run(conn, f"CREATE INDEX ON {stage} (_adbx_part)")
+        _run(conn, f"ALTER TABLE {stage} ADD COLUMN _adbx_attempt bigint NOT NULL")
         _run(conn, f"INSERT INTO {stage} VALUES (3, 0.3, 0)")
         with conn.transaction():
             _run(conn, f"SELECT count(*) FROM {stage}")
@@ -732,9 +731,9 @@ def test_mysql_write_user_writes_and_stages_in_its_database_only(my: Applied) ->
         _run(conn, f"DELETE FROM `{shop}`.`orders` WHERE id = 2")
         # write_table's stage-and-publish, statement for statement (aurora_dbx.writes)
         stage = f"`{shop}`.`_adbx_stage_1_ab`"
-        _run(conn, f"CREATE TABLE {stage} (_adbx_part INT NOT NULL DEFAULT 0, INDEX (_adbx_part)) "
+        _run(conn, f"CREATE TABLE {stage} (_adbx_attempt BIGINT NOT NULL DEFAULT 0) "
                    f"SELECT `id`, `total` FROM `{shop}`.`orders` WHERE 1=0")
-        _run(conn, f"INSERT INTO {stage} (`id`, `total`, _adbx_part) VALUES (3, 30.00, 0)")
+        _run(conn, f"INSERT INTO {stage} (`id`, `total`, _adbx_attempt) VALUES (3, 30.00, 0)")
         _run(conn, f"SELECT count(*) FROM {stage}")
         _run(conn, "START TRANSACTION")
         _run(conn, f"INSERT INTO `{shop}`.`orders` (`id`, `total`) SELECT `id`, `total` FROM {stage} "

@@ -239,8 +239,16 @@ def test_upsert_is_idempotent(world, env, spark):
     pg.execute_admin("INSERT INTO features.scores_u VALUES (1, 0.0, 'old'), (50, 5.0, 'untouched')")
     as_sp(env, spark)
     df = spark.createDataFrame([(i, i / 10, f"n{i}") for i in range(1, 21)], "id long, score double, note string")
+    sc = spark.sparkContext
     for _ in range(2):
+        sc.setJobGroup("upsert-idempotent", "upsert")
         aurora_dbx.write_table(df, "features.scores_u", cluster="analytics", mode="upsert", key=["id"])
+        # no task needed a retry to succeed (the session would retry and hide a first-attempt bug)
+        tracker = sc.statusTracker()
+        for job in tracker.getJobIdsForGroup("upsert-idempotent"):
+            for stage in tracker.getJobInfo(job).stageIds:
+                info = tracker.getStageInfo(stage)
+                assert info is None or info.numFailedTasks == 0
         rows = pg.execute_admin("SELECT id, score, note FROM features.scores_u ORDER BY id")
         assert rows == [(i, i / 10, f"n{i}") for i in range(1, 21)] + [(50, 5.0, "untouched")]
 

@@ -29,7 +29,7 @@ import botocore.credentials
 import botocore.exceptions
 import tenacity
 
-from .errors import CredentialError, SessionExpired
+from .errors import AuditError, CredentialError, SessionExpired
 from .identity import Principal
 from .policy import CredentialSettings, Role
 from .runtime import in_databricks_runtime
@@ -59,6 +59,9 @@ def utcnow() -> datetime:
 # 5 attempts / 30 s; access denied and validation errors fail at once (no retry storm).
 STS_RETRY_STOP = tenacity.stop_after_attempt(5) | tenacity.stop_after_delay(30)
 STS_RETRY_WAIT = tenacity.wait_random_exponential(multiplier=0.25, max=5)
+# A denial is remembered this long: the tasks of a Spark job then fail with it at once
+# instead of each asking STS again (a retry storm against a policy that will not change).
+DENIAL_MEMORY_SECONDS = 60
 _RETRYABLE_CODES = {
     "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
     "ServiceUnavailable", "InternalFailure", "InternalError", "IDPCommunicationError",
@@ -89,7 +92,7 @@ def _retryable(exc: BaseException) -> bool:
 
 # -- names that STS accepts -----------------------------------------------------------
 
-_STS_NAME_BAD = re.compile(r"[^\w+=,.@-]")
+_STS_NAME_BAD = re.compile(r"[^\w+=,.@-]", re.ASCII)  # STS accepts ASCII only
 _TAG_VALUE_BAD = re.compile(r"[^\w\s.:/=+\-@]", re.UNICODE)
 
 
@@ -100,14 +103,21 @@ def _fit(text: str, limit: int) -> str:
     return f"{text[: limit - 9]}-{digest}"
 
 
+def _sts_name(name: str) -> str:
+    clean = _STS_NAME_BAD.sub("-", name)
+    if clean != name:  # keep names that differ only in replaced characters apart
+        clean += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return clean
+
+
 def source_identity(principal: Principal) -> str:
-    """The principal as STS ``SourceIdentity`` (2-64 chars of ``[\\w+=,.@-]``)."""
-    return _fit(_STS_NAME_BAD.sub("-", principal.name), 64).ljust(2, "-")
+    """The principal as STS ``SourceIdentity`` (2-64 ASCII chars of ``[\\w+=,.@-]``)."""
+    return _fit(_sts_name(principal.name), 64).ljust(2, "-")
 
 
 def role_session_name(principal: Principal) -> str:
     """``adbx-<principal>``, valid as a ``RoleSessionName`` and traceable in CloudTrail."""
-    return _fit("adbx-" + _STS_NAME_BAD.sub("-", principal.name), 64)
+    return _fit("adbx-" + _sts_name(principal.name), 64)
 
 
 def _tag(key: str, value: str) -> dict[str, str]:
@@ -317,6 +327,8 @@ class RoleSession:
         self._retry_sleep = retry_sleep
         self._sts: Any = None
         self._expiry: dict[str, datetime] = {}
+        # (when, reason) of the last AccessDenied: every task of a job would ask again.
+        self._denied: tuple[datetime, str] | None = None
         self._creds = botocore.credentials.DeferredRefreshableCredentials(
             refresh_using=self._fetch, method="aurora-dbx-assume-role", time_fetcher=clock
         )
@@ -371,6 +383,8 @@ class RoleSession:
     def _fetch(self) -> dict[str, Any]:
         refresh = bool(self._expiry)
         who = f"{self.principal} in role {self.role.name} ({self.role.iam_role_arn})"
+        if self._denied is not None and (self._clock() - self._denied[0]).total_seconds() < DENIAL_MEMORY_SECONDS:
+            raise CredentialError(self._denied[1])
         try:
             resp = self._assume()
         except CredentialError as e:
@@ -386,6 +400,8 @@ class RoleSession:
                 if denied
                 else f"STS failed for {who}: {code}: {e.response.get('Error', {}).get('Message', '')}"
             )
+            if denied:
+                self._denied = (self._clock(), reason)
             self._emit("denied" if denied else "error", reason=reason, refresh=refresh)
             raise CredentialError(reason) from None
         except botocore.exceptions.BotoCoreError as e:
@@ -418,7 +434,7 @@ class RoleSession:
         """A consistent snapshot, refreshed first if it is inside the refresh window."""
         try:
             frozen = self._creds.get_frozen_credentials()
-        except CredentialError:
+        except (CredentialError, AuditError):
             raise
         except Exception as e:  # botocore's "refreshed but still expired" and the like
             raise SessionExpired(

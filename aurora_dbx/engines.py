@@ -22,6 +22,14 @@ __all__ = ["DEFAULT_CA_BUNDLE", "Dialect", "MySQL", "PostgreSQL", "ca_bundle_for
 # Where the cluster init script installs Amazon's RDS CA bundle.
 DEFAULT_CA_BUNDLE = "/etc/ssl/certs/rds-global-bundle.pem"
 CONNECT_TIMEOUT_SECONDS = 10
+# A failed certificate or host name check is permanent: never retried as a network blip.
+_TLS_FAILURES = ("certificate verify failed", "certificate_verify_failed", "hostname mismatch",
+                 "doesn't match", "does not match host name", "ssl: wrong version", "tlsv1 alert")
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(t in text for t in _TLS_FAILURES)
 
 
 def ca_bundle_for(cluster: Cluster) -> str | None:
@@ -108,7 +116,7 @@ class _PostgreSQL(Dialect):
     def is_transient(self, exc: BaseException) -> bool:
         import psycopg
 
-        if not isinstance(exc, psycopg.OperationalError) or self.is_auth_failure(exc):
+        if not isinstance(exc, psycopg.OperationalError) or self.is_auth_failure(exc) or _tls_failure(exc):
             return False
         text = str(exc).lower()
         return any(t in text for t in self._TRANSIENT)
@@ -156,6 +164,8 @@ class _MySQL(Dialect):
     def is_transient(self, exc: BaseException) -> bool:
         import pymysql
 
+        if _tls_failure(exc) or _tls_failure(exc.__context__ or exc):
+            return False
         if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InternalError) and exc.args:
             return exc.args[0] in self._TRANSIENT_CODES
         return isinstance(exc, ConnectionError)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from .errors import AuroraDbxError
 
-__all__ = ["IdentifierError", "TableName", "check_identifier", "parse_table", "quote_identifier"]
+__all__ = ["IdentifierError", "TableName", "check_identifier", "parse_table", "quote_identifier", "shorten"]
 
 # Letters (any script), digits, underscore and dollar; must not start with a digit or $.
 _IDENT = re.compile(r"^[^\W\d$][\w$]*$", re.UNICODE)
-MAX_IDENTIFIER_LENGTH = 63  # PostgreSQL's limit (NAMEDATALEN - 1); MySQL allows 64.
+MAX_IDENTIFIER_BYTES = 63  # PostgreSQL keeps NAMEDATALEN-1 = 63 *bytes* (UTF-8); MySQL allows 64 characters.
 
 
 class IdentifierError(AuroraDbxError, ValueError):
@@ -28,17 +28,23 @@ class IdentifierError(AuroraDbxError, ValueError):
 def check_identifier(name: str, what: str = "identifier") -> str:
     """Return ``name`` if it is a plain identifier, else raise :class:`IdentifierError`."""
     if not isinstance(name, str) or not name:
-        raise IdentifierError(f"{what} must be a non-empty string, got {name!r}")
-    if len(name) > MAX_IDENTIFIER_LENGTH:
+        raise IdentifierError(f"{what} must be a non-empty string, got {shorten(name)}")
+    size = len(name.encode("utf-8"))
+    if size > MAX_IDENTIFIER_BYTES:
+        # PostgreSQL would silently truncate a longer name to a different table.
+        raise IdentifierError(f"{what} {shorten(name)} is {size} bytes in UTF-8; the limit is {MAX_IDENTIFIER_BYTES}")
+    if not _IDENT.fullmatch(name):
         raise IdentifierError(
-            f"{what} {name[:20]!r}... is {len(name)} characters; the limit is {MAX_IDENTIFIER_LENGTH}"
-        )
-    if not _IDENT.match(name):
-        raise IdentifierError(
-            f"{what} {name!r} is not a plain identifier: use letters, digits, '_' or '$' "
+            f"{what} {shorten(name)} is not a plain identifier: use letters, digits, '_' or '$' "
             "(no quotes, dots, spaces, semicolons or comment markers)"
         )
     return name
+
+
+def shorten(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: errors never echo megabytes of input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def quote_identifier(name: str, engine: str) -> str:
@@ -72,7 +78,7 @@ def parse_table(name: str) -> TableName:
     parts = name.split(".")
     if len(parts) != 2:
         raise IdentifierError(
-            f"table {name!r} must be written 'schema.table' (exactly one dot), "
+            f"table {shorten(name)} must be written 'schema.table' (exactly one dot), "
             "for example 'public.customers'"
         )
     return TableName(check_identifier(parts[0], "schema"), check_identifier(parts[1], "table"))

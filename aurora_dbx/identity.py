@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import IdentityError
+from .identifiers import shorten
 from .runtime import RuntimeContext, in_databricks_runtime, runtime_context
 
 __all__ = [
@@ -44,7 +45,7 @@ _NAME = re.compile(r"^[^\x00-\x1f\s;,]{1,256}$")
 
 
 def principal_kind(user_name: str) -> PrincipalKind:
-    return "service_principal" if _UUID.match(user_name) else "user"
+    return "service_principal" if _UUID.fullmatch(user_name) else "user"
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,22 @@ class _Attempt:
     outcome: str
 
 
-def _sdk_me(
-    host: str | None = None, token: str | None = None, *, timeout_seconds: float = 30
-) -> tuple[str, str | None, tuple[str, ...]]:
+# Every workspace API call (the SDK's config probe included) gives up after this long:
+# a slow or unreachable workspace must not hang a notebook for the SDK's default 5 minutes.
+WORKSPACE_API_TIMEOUT_SECONDS = 30
+
+
+def _bounded() -> dict[str, object]:
+    seconds = int(WORKSPACE_API_TIMEOUT_SECONDS)  # read at call time: tests and admins tune it
+    return {"retry_timeout_seconds": seconds, "http_timeout_seconds": min(seconds, 30)}
+
+
+def _sdk_me(host: str | None = None, token: str | None = None) -> tuple[str, str | None, tuple[str, ...]]:
     """Ask the workspace who the caller is: (user_name, display_name, groups)."""
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.config import Config
 
-    kwargs: dict[str, object] = {
-        # Bounded: a slow or unreachable workspace must not hang a notebook for minutes
-        # (the SDK's default retry budget is five minutes).
-        "retry_timeout_seconds": int(timeout_seconds),
-        "http_timeout_seconds": int(min(timeout_seconds, 30)),
-    }
+    kwargs: dict[str, object] = _bounded()
     if host is not None:
         kwargs.update(host=host, token=token, auth_type="pat")
     me = WorkspaceClient(config=Config(**kwargs)).current_user.me()  # type: ignore[arg-type]
@@ -152,24 +156,24 @@ def parse_local_principal(value: str) -> Principal:
     """Parse ``user:NAME`` / ``service_principal:ID`` with optional ``;groups=a,b``."""
     head, _, rest = value.strip().partition(";")
     kind, sep, name = head.partition(":")
-    if not sep or kind not in ("user", "service_principal") or not _NAME.match(name):
+    if not sep or kind not in ("user", "service_principal") or not _NAME.fullmatch(name):
         raise IdentityError(
-            f"{LOCAL_PRINCIPAL_ENV}={value!r} is not 'user:NAME' or 'service_principal:ID' "
+            f"{LOCAL_PRINCIPAL_ENV}={shorten(value)} is not 'user:NAME' or 'service_principal:ID' "
             "(optionally followed by ';groups=a,b')"
         )
     groups: tuple[str, ...] = ()
     if rest:
         key, eq, raw = rest.partition("=")
         if key.strip() != "groups" or not eq:
-            raise IdentityError(f"{LOCAL_PRINCIPAL_ENV}: expected ';groups=a,b' after the name, got {rest!r}")
+            raise IdentityError(f"{LOCAL_PRINCIPAL_ENV}: expected ';groups=a,b' after the name, got {shorten(rest)}")
         parts = [g.strip() for g in raw.split(",") if g.strip()]
-        bad = [g for g in parts if not _GROUP.match(g)]
+        bad = [g for g in parts if not _GROUP.fullmatch(g)]
         if bad:
-            raise IdentityError(f"{LOCAL_PRINCIPAL_ENV}: invalid group name {bad[0]!r}")
+            raise IdentityError(f"{LOCAL_PRINCIPAL_ENV}: invalid group name {shorten(bad[0])}")
         groups = tuple(sorted(set(parts)))
-    if kind == "service_principal" and not _UUID.match(name):
+    if kind == "service_principal" and not _UUID.fullmatch(name):
         raise IdentityError(
-            f"{LOCAL_PRINCIPAL_ENV}: a service principal is named by its application id (a UUID), got {name!r}"
+            f"{LOCAL_PRINCIPAL_ENV}: a service principal is named by its application id (a UUID), got {shorten(name)}"
         )
     return Principal(name=name, kind=kind, groups=groups, resolver="local_override")  # type: ignore[arg-type]
 
@@ -195,14 +199,15 @@ def databricks_sdk_resolver(
     me: Callable[..., tuple[str, str | None, tuple[str, ...]]] = _sdk_me,
 ) -> Resolver:
     def resolve() -> Principal | None:
-        from databricks.sdk.config import Config
-
-        try:
-            Config()  # raises ValueError when no unified-auth method is configured
-        except Exception:
-            return None
         try:
             user_name, display, groups = me()
+        except ValueError as e:
+            if "cannot configure default credentials" in str(e) or "default auth" in str(e):
+                return None  # no unified-auth method is configured: this resolver does not apply
+            raise IdentityError(
+                f"databricks-sdk auth is configured but SCIM Me failed ({type(e).__name__}: {e}); "
+                "check DATABRICKS_HOST and your login (databricks auth login)"
+            ) from None
         except Exception as e:
             raise IdentityError(
                 f"databricks-sdk auth is configured but SCIM Me failed ({type(e).__name__}: {e}); "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ class TablePattern:
         return re.compile(f"^{part(schema)}\\.{part(table)}$")
 
     def matches(self, table: TableName) -> bool:
-        return bool(self._regex.match(str(table)))
+        return bool(self._regex.fullmatch(str(table)))
 
     @property
     def breadth(self) -> int:
@@ -296,7 +297,10 @@ def load_policy(policy: str | os.PathLike[str] | Mapping[str, Any]) -> Policy:
     path = Path(_normalise_path(os.fspath(policy)))
     source = str(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a device or FIFO would be read forever
+            raise PolicyError("is not a regular file", source=source)
+        size = info.st_size
         if size > MAX_POLICY_BYTES:
             raise PolicyError(f"file is {size} bytes; the limit is {MAX_POLICY_BYTES}", source=source)
         text = path.read_text(encoding="utf-8")
@@ -312,6 +316,8 @@ def load_policy(policy: str | os.PathLike[str] | Mapping[str, Any]) -> Policy:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - strict SafeLoader subclass
     except yaml.YAMLError as e:
         raise PolicyError(f"not valid policy YAML: {e}", source=source) from None
+    except RecursionError:
+        raise PolicyError("not valid policy YAML: nested too deeply", source=source) from None
     return _build(data, source)
 
 
@@ -341,7 +347,7 @@ def _build(data: Any, source: str) -> Policy:
     if data["version"] != 1 or isinstance(data["version"], bool):
         raise PolicyError(f"unsupported version {data['version']!r}; this library reads version 1", source=source, key="version")
     project = _expect(data["project"], str, source, "project", "a string")
-    if not _NAME.match(project):
+    if not _NAME.fullmatch(project):
         raise PolicyError("must be 1-64 letters, digits, '.', '_' or '-'", source=source, key="project")
 
     clusters: dict[str, Cluster] = {}
@@ -350,26 +356,26 @@ def _build(data: Any, source: str) -> Policy:
         raise PolicyError("at least one cluster is required", source=source, key="clusters")
     for name, c in data["clusters"].items():
         k = f"clusters.{name}"
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise PolicyError("cluster names are 1-64 letters, digits, '.', '_' or '-'", source=source, key=k)
         _expect(c, dict, source, k, "a mapping")
         _keys(c, source, k, {"engine", "host", "port", "database", "region"}, {"resource_id", "tls", "ca_bundle"})
         if c["engine"] not in ENGINES:
             raise PolicyError(f"must be one of {', '.join(ENGINES)}", source=source, key=f"{k}.engine")
         host = _expect(c["host"], str, source, f"{k}.host", "a host name")
-        if not _HOST.match(host):
+        if not _HOST.fullmatch(host):
             raise PolicyError(f"{host!r} is not a valid host name", source=source, key=f"{k}.host")
         port = _expect(c["port"], int, source, f"{k}.port", "an integer")
         if not 1 <= port <= 65535:
             raise PolicyError("must be between 1 and 65535", source=source, key=f"{k}.port")
         database = _expect(c["database"], str, source, f"{k}.database", "a string")
-        if not _DB_USER.match(database):
+        if not _DB_USER.fullmatch(database):
             raise PolicyError(f"{database!r} is not a plain database name", source=source, key=f"{k}.database")
         region = _expect(c["region"], str, source, f"{k}.region", "a string")
-        if not _REGION.match(region):
+        if not _REGION.fullmatch(region):
             raise PolicyError(f"{region!r} is not an AWS region such as us-east-1", source=source, key=f"{k}.region")
         resource_id = c.get("resource_id")
-        if resource_id is not None and not (isinstance(resource_id, str) and _RESOURCE_ID.match(resource_id)):
+        if resource_id is not None and not (isinstance(resource_id, str) and _RESOURCE_ID.fullmatch(resource_id)):
             raise PolicyError("must look like cluster-ABCDEFGHIJKLMNOP (the DbClusterResourceId)", source=source, key=f"{k}.resource_id")
         tls = c.get("tls", "verify-full")
         if tls not in TLS_MODES:
@@ -384,23 +390,23 @@ def _build(data: Any, source: str) -> Policy:
     _expect(data["roles"], dict, source, "roles", "a mapping of role names")
     for name, r in data["roles"].items():
         k = f"roles.{name}"
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise PolicyError("role names are 1-64 letters, digits, '.', '_' or '-'", source=source, key=k)
         _expect(r, dict, source, k, "a mapping")
         _keys(r, source, k, {"cluster", "iam_role_arn", "db_user", "access", "tables"}, {"session_seconds"})
-        if r["cluster"] not in clusters:
+        if not isinstance(r["cluster"], str) or r["cluster"] not in clusters:
             raise PolicyError(
                 f"names unknown cluster {r['cluster']!r}; known: {', '.join(sorted(clusters))}",
                 source=source, key=f"{k}.cluster",
             )
         arn = _expect(r["iam_role_arn"], str, source, f"{k}.iam_role_arn", "an IAM role ARN")
-        if not _ROLE_ARN.match(arn):
+        if not _ROLE_ARN.fullmatch(arn):
             raise PolicyError(
                 f"{arn!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)",
                 source=source, key=f"{k}.iam_role_arn",
             )
         db_user = _expect(r["db_user"], str, source, f"{k}.db_user", "a database user name")
-        if not _DB_USER.match(db_user):
+        if not _DB_USER.fullmatch(db_user):
             raise PolicyError(f"{db_user!r} is not a plain database user name", source=source, key=f"{k}.db_user")
         if r["access"] not in ("read", "write"):
             raise PolicyError("must be read or write", source=source, key=f"{k}.access")
@@ -412,7 +418,7 @@ def _build(data: Any, source: str) -> Policy:
             tk = f"{k}.tables[{i}]"
             _expect(t, str, source, tk, "a schema.table pattern")
             parts = t.split(".")
-            if len(parts) != 2 or not all(_PATTERN_PART.match(p) for p in parts):
+            if len(parts) != 2 or not all(_PATTERN_PART.fullmatch(p) for p in parts):
                 raise PolicyError(
                     f"{t!r} is not a schema.table pattern (identifiers with at most one '*' "
                     "per part, e.g. 'public.*' or 'features.customer_*')",
@@ -444,7 +450,7 @@ def _build(data: Any, source: str) -> Policy:
         if not role_names:
             raise PolicyError("at least one role is required", source=source, key=f"{k}.roles")
         for j, rn in enumerate(role_names):
-            if rn not in roles:
+            if not isinstance(rn, str) or rn not in roles:
                 raise PolicyError(
                     f"names unknown role {rn!r}; known: {', '.join(sorted(roles))}",
                     source=source, key=f"{k}.roles[{j}]",
@@ -462,7 +468,7 @@ def _build(data: Any, source: str) -> Policy:
             if opt in c:
                 _expect(c[opt], str, source, f"credentials.{opt}", "a string")
         for opt in ("web_identity_role_arn", "base_role_arn"):
-            if opt in c and not _ROLE_ARN.match(c[opt]):
+            if opt in c and not _ROLE_ARN.fullmatch(c[opt]):
                 raise PolicyError("is not an IAM role ARN", source=source, key=f"credentials.{opt}")
         if src == "service_credential" and "service_credential" not in c:
             raise PolicyError("source service_credential needs credentials.service_credential (the UC service credential name)", source=source, key="credentials.service_credential")
@@ -483,7 +489,7 @@ def _build(data: Any, source: str) -> Policy:
         _keys(a, source, "audit", set(), {"sink", "fail_closed"})
         sink = a.get("sink", "log")
         _expect(sink, str, source, "audit.sink", "a string")
-        if not (sink == "log" or (sink.startswith("jsonl:") and len(sink) > 6) or re.match(r"^table:[\w]+\.[\w]+\.[\w]+$", sink)):
+        if not (sink == "log" or (sink.startswith("jsonl:") and len(sink) > 6) or re.fullmatch(r"table:\w+\.\w+\.\w+", sink)):
             raise PolicyError("must be log, jsonl:<path> or table:<catalog.schema.table>", source=source, key="audit.sink")
         fail_closed = a.get("fail_closed", False)
         if not isinstance(fail_closed, bool):

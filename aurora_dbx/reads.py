@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -27,10 +28,11 @@ from .errors import AccessDenied, SchemaMismatch
 from .identifiers import TableName, check_identifier, parse_table
 from .policy import Cluster, Role
 from .spark_io import cluster_spec, jdbc_options, record_access, register_source, resolve_spark, task_tags
-from .sqltext import check_fragment
+from .sqltext import SqlFragmentError, check_fragment
 
 __all__ = ["read_table"]
 
+_SUBQUERY = re.compile(r"\bselect\b", re.IGNORECASE)
 # Below this many rows a table is read by one task: more would cost more than it saves.
 MIN_ROWS_PER_PARTITION = 20_000
 
@@ -72,7 +74,14 @@ def _query_tables(conn: Any, cluster: Cluster, query: str) -> set[TableName]:
             tables = {TableName(n.get("Schema", "public"), n["Relation Name"]) for n in nodes if "Relation Name" in n}
         else:
             cur.execute(f"EXPLAIN FORMAT=JSON {query}")
-            nodes = list(_plan_nodes(json.loads(cur.fetchone()[0])))
+            try:
+                nodes = list(_plan_nodes(json.loads(cur.fetchone()[0], strict=False)))
+            except ValueError:
+                raise SqlFragmentError(
+                    "cannot check which tables this query reads: MariaDB's EXPLAIN output for it is not "
+                    "valid JSON (quotes or tabs in its literals); read the table with where= instead, "
+                    "or move the literal out of the query"
+                ) from None
             # Derived tables show as <derived2> and the like: their sources are listed too.
             tables = {TableName(n.get("database", cluster.database), n["table_name"]) for n in nodes
                       if "table_name" in n and not str(n["table_name"]).startswith("<")}
@@ -108,7 +117,8 @@ def _partitioning(
     if lo is None or hi is None:
         return None
     if num_partitions is None:
-        num_partitions = max(1, min(parallelism, math.ceil(count / MIN_ROWS_PER_PARTITION)))
+        wanted = parallelism if math.isinf(count) else math.ceil(count / MIN_ROWS_PER_PARTITION)
+        num_partitions = max(1, min(parallelism, wanted))
     if num_partitions <= 1:
         return None
     if isinstance(lo, datetime) or isinstance(lo, date):
@@ -128,7 +138,13 @@ def _estimated_rows(cur: Any, cluster: Cluster, select: str) -> float:
         cur.execute(f"EXPLAIN (FORMAT JSON) {select}")
         return float(cur.fetchone()[0][0]["Plan"]["Plan Rows"])
     cur.execute(f"EXPLAIN FORMAT=JSON {select}")
-    nodes = [n for n in _plan_nodes(json.loads(cur.fetchone()[0])) if "rows_examined_per_scan" in n or "rows" in n]
+    try:
+        plan = json.loads(cur.fetchone()[0], strict=False)
+    except ValueError:
+        # MariaDB writes literals of conditions into the JSON unescaped; a quote in a
+        # `where` makes it invalid. Without an estimate, size for the cluster.
+        return float("inf")
+    nodes = [n for n in _plan_nodes(plan) if "rows_examined_per_scan" in n or "rows" in n]
     rows = [float(n.get("rows_examined_per_scan", n.get("rows", 0))) * float(n.get("filtered", 100)) / 100 for n in nodes]
     return max(rows, default=0.0)
 
@@ -229,9 +245,12 @@ def read_table(
     # each, not a new TLS login per read_table() call.
     with ctx.borrow(chosen, read_only=True) as conn:
         tables_read = {name}
-        if query:
+        # A query, or a where with a subquery, may reach other tables: the planner lists
+        # them and each must be in the role's scope.
+        probe = query or (f"SELECT 1 FROM {relation} WHERE {where}" if where and _SUBQUERY.search(where) else None)
+        if probe:
             try:
-                tables_read = _query_tables(conn, target, query)
+                tables_read = _query_tables(conn, target, probe)
             except Exception as e:
                 if not _is_permission_error(e):
                     raise

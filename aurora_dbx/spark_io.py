@@ -89,11 +89,12 @@ def jdbc_options(cluster: Cluster, user: str, token: str, *, read_only: bool, ta
 
 def record_access(ctx: Context, role: Role, cluster: Cluster, kind: str, tables: list[str], *,
                   query: str | None = None, schema: Any = None, rows: int | None = None,
-                  mode: str | None = None, elapsed: float | None = None) -> None:
+                  mode: str | None = None, elapsed: float | None = None, audit: bool = True,
+                  lineage: bool = True) -> None:
     """One audit event per table, then the MLflow lineage of the access (never fails the access)."""
     p = ctx.principal()
     creds = ctx.credentials(role)
-    for t in tables:
+    for t in tables if audit else []:
         ctx.audit(AuditEvent(
             event=kind, outcome="ok", principal=p.name, principal_type=p.kind,
             role_arn=role.iam_role_arn, role=role.name, db_user=role.db_user, cluster=cluster.name,
@@ -102,14 +103,14 @@ def record_access(ctx: Context, role: Role, cluster: Cluster, kind: str, tables:
             rows=rows, mode=mode, job_id=p.job_id, run_id=p.run_id, mlflow_run_id=_active_mlflow_run_id(),
             duration_ms=round(elapsed * 1000) if elapsed is not None else None,
         ))
-    try:
-        from . import lineage
-    except ImportError:
+    if not lineage:
         return
+    from . import lineage as mlflow_lineage
+
     for t in tables or [None]:  # type: ignore[list-item]
-        lineage.record(lineage.Access(
+        mlflow_lineage.record(mlflow_lineage.Access(
             principal=p, role=role, cluster=cluster, kind=kind, table=t, query=query,  # type: ignore[arg-type]
             session_name=creds.session_name, source_identity=creds.source_identity,
             credential_expires_at=creds.expires_at, rows=rows, mode=mode,
-            **({"schema": schema} if schema is not None and "schema" in lineage.Access.__dataclass_fields__ else {}),
+            **({"schema": schema} if schema is not None and "schema" in mlflow_lineage.Access.__dataclass_fields__ else {}),
         ))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from .broker import shared_broker
@@ -229,7 +229,18 @@ def write_table(
         if len({r["part"] for r in results}) != len(results):
             raise AuroraDbxError(f"Spark returned two results for one partition writing {name}; nothing was published")
         staged = sum(r["rows"] for r in results)
-        rows = _publish(conn, target, name, stage, qcols, mode, key, staged, winners)
+        # The job may have outlived this connection (a failover, an idle timeout): publish
+        # on a fresh one; every row is safely staged until then.
+        conn.close()
+        conn = ctx.open(chosen, read_only=False)
+
+        def audit_before_commit(rows: int) -> None:
+            # The write's audit event is written before the publish commits, so a
+            # fail-closed policy with a broken sink refuses the write, not just its record.
+            record_access(ctx, chosen, target, "write", [str(name)], rows=rows, mode=mode,
+                          elapsed=time.perf_counter() - started, lineage=False)
+
+        rows = _publish(conn, target, name, stage, qcols, mode, key, staged, winners, audit_before_commit)
     except BaseException:
         try:
             conn.rollback()
@@ -240,8 +251,7 @@ def write_table(
         if created:
             _drop_stage(ctx, chosen, stage)
         conn.close()
-    record_access(ctx, chosen, target, "write", [str(name)], rows=rows, mode=mode,
-                  elapsed=time.perf_counter() - started)
+    record_access(ctx, chosen, target, "write", [str(name)], rows=rows, mode=mode, audit=False)
     return rows
 
 
@@ -276,7 +286,8 @@ def _task_error(e: BaseException, table: TableName) -> AuroraDbxError:
 
 
 def _publish(conn: Any, cluster: Cluster, table: TableName, stage: str, qcols: list[str],
-             mode: str, key: Sequence[str] | None, staged: int, winners: list[int]) -> int:
+             mode: str, key: Sequence[str] | None, staged: int, winners: list[int],
+             before_commit: Callable[[int], None]) -> int:
     """Move the accepted attempts' rows from the stage into the target in one transaction."""
     dialect = dialect_for(cluster)
     target = table.quoted(cluster.engine)
@@ -316,8 +327,10 @@ def _publish(conn: Any, cluster: Cluster, table: TableName, stage: str, qcols: l
                 sql += " ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = VALUES({c})" for c in others)
             cur.execute(sql)
             rows = staged
+    written = int(staged if mode == "upsert" else rows)
+    before_commit(written)
     conn.commit()
-    return int(staged if mode == "upsert" else rows)
+    return written
 
 
 def _drop_stage(ctx: Context, role: Role, stage: str) -> None:

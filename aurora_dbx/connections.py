@@ -21,7 +21,7 @@ import tenacity
 
 from .credentials import RoleCredentials
 from .engines import Dialect
-from .errors import ConnectionFailed, CredentialError
+from .errors import AuroraDbxError, ConnectionFailed
 from .policy import Cluster
 from .redaction import register_secret, scrub
 from .tokens import Token, TokenCache
@@ -101,7 +101,7 @@ def open_connection(
             f"could not reach {where} after retries: {scrub(str(t.cause)).strip()}; "
             "the cluster may be failing over or unreachable from here (security groups, VPC)"
         ) from None
-    except CredentialError:
+    except AuroraDbxError:  # credentials, audit (fail-closed): already clear, keep their type
         raise
     except Exception as e:
         text = scrub(str(e)).strip()

@@ -85,6 +85,32 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime: the process's CPU plus that of its reaped children."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        return sum(int(x) for x in fields[11:15])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _tree(roots: list[int], exclude: set[int] | None = None) -> list[int]:
+    kids = _ppid_map()
+    out, todo = [], list(roots)
+    while todo:
+        p = todo.pop()
+        if exclude and p in exclude:
+            continue
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
 def _is_jvm(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/comm", "rb") as f:
@@ -196,6 +222,14 @@ class Variant:
     def delta(self) -> float:
         return statistics.median(r.delta_mb for r in self.runs)
 
+    def cpu(self) -> str:
+        """Median CPU seconds, client / database server ('–' for runs measured without)."""
+        c = [r.extra["cpu_client"] for r in self.runs if "cpu_client" in r.extra]
+        d = [r.extra["cpu_server"] for r in self.runs if "cpu_server" in r.extra]
+        if not c:
+            return "–"
+        return f"{statistics.median(c):.1f} / {statistics.median(d):.1f}"
+
 
 # -- the bench ----------------------------------------------------------------------------
 
@@ -297,15 +331,9 @@ class Bench:
         settings = [f"SET GLOBAL innodb_buffer_pool_size = {self.args.mariadb_buffer_pool_mb << 20}",
                     "SET GLOBAL innodb_log_file_size = 512 * 1024 * 1024"]
         if self.args.mariadb_isolation:
-            # write_table's MariaDB tasks deadlock with each other under the default
-            # REPEATABLE-READ (gap locks of the per-partition DELETE on the shared stage
-            # table; see bench/ANALYSIS.md): READ-COMMITTED lets the bench measure them.
             settings.append(f"SET GLOBAL tx_isolation = '{self.args.mariadb_isolation}'")
-            self.notes.append(
-                f"MariaDB runs with `tx_isolation = {self.args.mariadb_isolation}` (server default: REPEATABLE-READ): "
-                "under REPEATABLE-READ, `write_table` on MariaDB with 2 concurrent tasks fails with "
-                "`1213 Deadlock found` (every attempt while developing this bench); see the analysis below. "
-                "`--mariadb-isolation ''` keeps the server default.")
+            self.notes.append(f"MariaDB ran with `tx_isolation = {self.args.mariadb_isolation}` "
+                              "(`--mariadb-isolation`; the server default is REPEATABLE-READ).")
         for stmt in settings:
             try:
                 my.execute_admin(stmt)
@@ -463,15 +491,26 @@ class Bench:
             pass
         time.sleep(0.3)
 
+    def cpu(self) -> tuple[int, int]:
+        """CPU ticks used so far by the client side (this process and its descendants: the
+        JVM, Python workers, forked limit streams) and by the database servers."""
+        servers = [p for p in (self.stack.postgres.process.pid, self.stack.mysql.process.pid) if p]
+        client = sum(_cpu_ticks(p) for p in _tree([os.getpid()], set(self.stack.pids())))
+        server = sum(_cpu_ticks(p) for p in _tree(servers))
+        return client, server
+
     def measure(self, v: Variant) -> Run:
         if v.before is not None:
             v.before()
         self.quiesce()
         assert self.sampler is not None
+        c0, s0 = self.cpu()
         with self.sampler.measure() as m:
             t = time.perf_counter()
             extra = v.fn() or {}
             seconds = time.perf_counter() - t
+        c1, s1 = self.cpu()
+        extra = {**extra, "load1": os.getloadavg()[0], "cpu_client": (c1 - c0) / HZ, "cpu_server": (s1 - s0) / HZ}
         run = Run(seconds, m.peak / 2**20, (m.peak - m.start_rss) / 2**20, extra)
         v.runs.append(run)
         return run
@@ -495,7 +534,8 @@ class Bench:
                     log(f"{group} #{r + 1} {v.key} FAILED: {v.failed}")
                     continue
                 log(f"{group} #{r + 1} {v.key:<22} {run.seconds:8.2f} s  peak {run.peak_mb:7.0f} MB "
-                    f"(+{run.delta_mb:.0f})")
+                    f"(+{run.delta_mb:.0f})  cpu {run.extra['cpu_client']:.1f} s client, "
+                    f"{run.extra['cpu_server']:.1f} s db")
 
     # ---------------------------------------------------------------- reads
     def read_variants(self) -> list[Variant]:
@@ -759,6 +799,47 @@ class Bench:
         }
 
 
+def _git(*a: str) -> str:
+    try:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _pin_library(ref: str) -> tuple[str, Path]:
+    """Export aurora_dbx at ``ref`` and put it first on sys.path and PYTHONPATH (Spark workers
+    inherit the driver's environment). Must run before anything imports aurora_dbx."""
+    commit = _git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    if not commit:
+        raise SystemExit(f"bench: --library {ref}: not a commit of {ROOT}")
+    if "aurora_dbx" in sys.modules:
+        raise SystemExit("bench: aurora_dbx was imported before --library could pin it")
+    root = Path(tempfile.mkdtemp(prefix="aurora-dbx-bench-lib-"))
+    archive = subprocess.run(["git", "archive", commit, "aurora_dbx"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    sys.path.insert(0, str(root))
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH", "")) if x)
+    # Spark starts its Python workers with `python -m` in the driver's working directory,
+    # which goes first on their sys.path: run from the export, not from the checkout.
+    os.chdir(root)
+    log(f"benchmarking aurora_dbx at {commit[:12]} (exported to {root})")
+    return commit, root
+
+
+def _library_version(pinned: tuple[str, Path] | None = None) -> dict[str, Any]:
+    """The commit benchmarked, whether aurora_dbx differs from it, and a hash of its source."""
+    import hashlib
+
+    base = pinned[1] if pinned else ROOT
+    h = hashlib.sha256()
+    for f in sorted((base / "aurora_dbx").rglob("*.py")):
+        h.update(f.relative_to(base).as_posix().encode() + b"\0" + f.read_bytes())
+    ref = pinned[0] if pinned else "HEAD"
+    return {"commit": _git("rev-parse", "--short", ref), "subject": _git("log", "-1", "--format=%s", ref),
+            "dirty": False if pinned else bool(_git("status", "--porcelain", "--", "aurora_dbx")),
+            "pinned": bool(pinned), "tree_sha256": h.hexdigest()[:16]}
+
+
 def _jar_version(path: str) -> str:
     import zipfile
 
@@ -960,6 +1041,7 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
         "",
         f"- **date**: {started.strftime('%Y-%m-%d %H:%M UTC')} (whole run {elapsed / 60:.1f} min)",
         f"- **command**: `{command}`",
+        f"- **aurora_dbx**: {_lib(b.facts)}",
         f"- **data**: {rows:,} rows of `(id bigint PK, qty int, amount numeric(12,2), score double, "
         f"label text ~20 chars, day date, ts timestamptz, flag boolean)`, ~2% NULL amounts, ~1% NULL labels; "
         f"{b.facts.get('csv_mb', 0):.0f} MB as PostgreSQL CSV. MariaDB: the same rows as "
@@ -1005,20 +1087,23 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
             "the ratio is the faster of the two in each repeat. MariaDB has no COPY: its limit is PyMySQL's "
             "unbuffered cursor (rows fetched, converted and discarded), the driver `read_table` itself uses.",
             "",
-            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: PyMySQL) | × COPY→Arrow limit | × JDBC defaults | × JDBC tuned | peak memory MB | Δ memory MB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: PyMySQL) | × COPY→Arrow limit | × JDBC defaults | × JDBC tuned | CPU s client / DB | peak memory MB | Δ memory MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        table_at = len(L) - 2
         for x in b.groups["reads"]:
             if not x.runs:
-                L.append(f"| {x.label} | failed | | | | | | | | |")
+                L.append(f"| {x.label} | failed | | | | | | | | | |")
                 continue
             eng = "pg" if "_pg" in x.key else "my"
             limit, parse = (pg_limit, pg_parse) if eng == "pg" else (my_limit, None)
             L.append(
                 f"| {x.label} | {x.median():.2f} | {_runs(x)} | {rows / x.median():,.0f} | {_fmt(_paired(x, limit))} | "
                 f"{_fmt(_paired(x, parse)) if parse else '–'} | {_fmt(_paired(x, [v[f'jdbc_default_{eng}']]))} | "
-                f"{_fmt(_paired(x, [v[f'jdbc_tuned_{eng}']]))} | {x.peak():.0f} | {x.delta():.0f} |")
-        L += ["", "× = time ÷ the baseline's time (above 1: slower than the baseline).", ""]
+                f"{_fmt(_paired(x, [v[f'jdbc_tuned_{eng}']]))} | {x.cpu()} | {x.peak():.0f} | {x.delta():.0f} |")
+        has_cpu = _drop_cpu_column(L, table_at, b.groups["reads"])
+        L += ["", "× = time ÷ the baseline's time (above 1: slower than the baseline). " + _load_note(b.groups["reads"])
+              + (" " + CPU_NOTE if has_cpu else ""), ""]
     if "writes" in b.groups:
         v = {x.key: x for x in b.groups["writes"]}
         pg_limit = [v["copy_in_pg"], v["copy_in_pg_x2"]]
@@ -1036,20 +1121,22 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
             "repeat. Spark JDBC runs with its defaults (`batchsize` 1000, one connection per partition) and no "
             "driver tuning properties.",
             "",
-            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: LOAD DATA) | speed-up over Spark JDBC defaults | peak memory MB | Δ memory MB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| variant | median s | runs s | rows/s | × limit (PG: COPY, MariaDB: LOAD DATA) | speed-up over Spark JDBC defaults | CPU s client / DB | peak memory MB | Δ memory MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        table_at = len(L) - 2
         for x in b.groups["writes"]:
             if not x.runs:
-                L.append(f"| {x.label} | failed | | | | | | |")
+                L.append(f"| {x.label} | failed | | | | | | | |")
                 continue
             eng = "pg" if "_pg" in x.key else "my"
             limit = pg_limit if eng == "pg" else [v["load_data_my"], v["load_data_my_x2"]]
             jd = v[f"jdbc_default_{eng}"]
             speed = _paired(jd, [x])
             L.append(f"| {x.label} | {x.median():.2f} | {_runs(x)} | {rows / x.median():,.0f} | {_fmt(_paired(x, limit))} | "
-                     f"{_fmt(speed, '.1f', '×')} | {x.peak():.0f} | {x.delta():.0f} |")
-        L.append("")
+                     f"{_fmt(speed, '.1f', '×')} | {x.cpu()} | {x.peak():.0f} | {x.delta():.0f} |")
+        has_cpu = _drop_cpu_column(L, table_at, b.groups["writes"])
+        L += ["", _load_note(b.groups["writes"]) + (" " + CPU_NOTE if has_cpu else ""), ""]
     if b.handshake:
         L += [
             "## Handshake",
@@ -1107,8 +1194,46 @@ def report(b: Bench, command: str, started: datetime, elapsed: float) -> str:
     return "\n".join(L)
 
 
+CPU_NOTE = ("*CPU s*: median CPU seconds (user + system, `/proc/<pid>/stat`, including reaped children) used "
+            "during the run by the client side (the bench process and its descendants: JVM, Python workers, "
+            "forked limit streams) / by the database servers; less sensitive than wall time to other work "
+            "on the machine.")
+
+
+def _drop_cpu_column(lines: list[str], start: int, variants: list[Variant]) -> bool:
+    """Remove the CPU column from the table at lines[start:] if no run measured CPU (older results)."""
+    if any("cpu_client" in r.extra for v in variants for r in v.runs):
+        return True
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    col = header.index("CPU s client / DB")
+    for i in range(start, len(lines)):
+        cells = lines[i].strip().strip("|").split("|")
+        if len(cells) == len(header):
+            del cells[col]
+            lines[i] = "|" + "|".join(cells) + "|"
+    return False
+
+
+def _load_note(variants: list[Variant]) -> str:
+    loads = [r.extra["load1"] for v in variants for r in v.runs if "load1" in r.extra]
+    if not loads:
+        return ""
+    return (f"The 1-minute load average at the end of each run ranged {min(loads):.1f}–{max(loads):.1f} "
+            f"(median {statistics.median(loads):.1f}) on {os.cpu_count()} cores: other work shared the machine.")
+
+
 def _runs(v: Variant) -> str:
     return " ".join(f"{r.seconds:.2f}" for r in v.runs)
+
+
+def _lib(facts: dict[str, Any]) -> str:
+    lib = facts.get("library_start") or {}
+    if not lib:
+        return "?"
+    dirty = " plus uncommitted changes" if lib.get("dirty") else ""
+    how = "pinned with `--library` (exported, first on PYTHONPATH)" if lib.get("pinned") else "the working tree"
+    return (f"commit `{lib.get('commit')}` ({lib.get('subject')}){dirty}; {how}; "
+            f"source hash `{lib.get('tree_sha256')}`")
 
 
 def _load(x: Any) -> str:
@@ -1139,6 +1264,9 @@ def _targets(b: Bench) -> list[str]:
         v = {x.key: x for x in b.groups["writes"]}
         for eng, name, limit in (("pg", "PostgreSQL", [v["copy_in_pg"], v["copy_in_pg_x2"]]),
                                  ("my", "MariaDB", [v["load_data_my"], v["load_data_my_x2"]])):
+            best = _paired(v[f"jdbc_default_{eng}"], limit)
+            rows.append((f"({name}: the {'COPY' if eng == 'pg' else 'LOAD DATA'} limit itself vs Spark JDBC defaults)",
+                         f"{_fmt(best, '.1f')}×", "for reference: the most any client could reach here"))
             for mode in ("append", "upsert"):
                 x = v[f"aurora_{mode}_{eng}"]
                 s = _paired(v[f"jdbc_default_{eng}"], [x])
@@ -1177,12 +1305,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sts-reads", type=int, default=100, help="read_table() calls for the STS count")
     p.add_argument("--driver-memory", default="4g", help="spark.driver.memory (local mode: the one JVM)")
     p.add_argument("--mariadb-buffer-pool-mb", type=int, default=1024)
-    p.add_argument("--mariadb-isolation", default="READ-COMMITTED",
-                   help="MariaDB global tx_isolation for the run ('' keeps the server default REPEATABLE-READ)")
+    p.add_argument("--mariadb-isolation", default="",
+                   help="set MariaDB's global tx_isolation for the run (default: keep the server's REPEATABLE-READ)")
     p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"), help="where to write the report")
     p.add_argument("--from-json", metavar="RESULTS_JSON",
                    help="only rewrite the report from a finished run's results.json (e.g. after editing ANALYSIS.md)")
+    p.add_argument("--library", metavar="GIT_REF",
+                   help="benchmark aurora_dbx as committed at GIT_REF (exported to a private directory and put "
+                        "first on PYTHONPATH for the driver and the Spark workers), not the working tree: "
+                        "pins the code against concurrent edits of a shared checkout")
     args = p.parse_args(argv)
+    pinned = _pin_library(args.library) if args.library and not args.from_json else None
     if args.from_json:
         b, command, started, elapsed = _load_run(Path(args.from_json))
         Path(args.out).write_text(report(b, command, started, elapsed) + "\n")
@@ -1199,6 +1332,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     b = Bench(args)
     b.facts["load_start"] = os.getloadavg()
+    b.facts["library_start"] = _library_version(pinned)
     try:
         b.start()
         if "reads" in groups:
@@ -1210,6 +1344,10 @@ def main(argv: list[str] | None = None) -> int:
         if "sts" in groups:
             b.run_sts()
         b.facts["machine"] = b.machine()
+        b.facts["library_end"] = _library_version(pinned)
+        if b.facts["library_end"]["tree_sha256"] != b.facts["library_start"]["tree_sha256"]:
+            b.notes.append("**aurora_dbx's source changed while the bench ran** (other work on the same "
+                           "checkout): Python workers started after the change ran the newer code.")
         elapsed = time.perf_counter() - t0
         text = report(b, command, started, elapsed)
         Path(args.out).write_text(text + "\n")
@@ -1225,6 +1363,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {args.out} ({elapsed / 60:.1f} min)")
     finally:
         b.stop()
+        if pinned is not None:
+            shutil.rmtree(pinned[1], ignore_errors=True)
     return 0
 
 

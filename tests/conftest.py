@@ -208,6 +208,11 @@ def _leak_scan_plugin(request: pytest.FixtureRequest) -> Iterator[None]:
 def _leak_scan(request: pytest.FixtureRequest) -> Iterator[None]:
     from tests.support import leaks
 
+    if request.node.nodeid.startswith("tests/local_stack/"):
+        # The stack's own tests sign tokens with botocore directly, outside aurora_dbx (no
+        # redaction installed): the promise scanned for here is the library's.
+        yield
+        return
     if "spark" in request.fixturenames:
         import pyspark.sql  # noqa: F401 - so the scan can watch Spark errors and plans
     scan = leaks.LeakScan()

@@ -199,14 +199,8 @@ OTHER_KEY = {
     ("empty", "credentials.service_credential"): None,
     ("empty", "credentials.web_identity_token_file"): None,
 }
-# Library bugs found by this suite (reported; see the xfail reasons).
-BUGS = {
-    ("wrong type", "roles.analyst-read.cluster"): "policy._build tests `r['cluster'] not in clusters` before checking it is a string: a list raises TypeError (unhashable), not PolicyError",
-    ("wrong type", "roles.pipeline-write.cluster"): "same: unhashable cluster name -> TypeError",
-    ("wrong type", "roles.orders-read.cluster"): "same: unhashable cluster name -> TypeError",
-    **{("wrong type", f"bindings[{i}].roles[{j}]"): "policy._build tests `rn not in roles` before checking it is a string: a list raises TypeError, not PolicyError"
-       for i, j in ((0, 0), (0, 1), (1, 0), (2, 0), (2, 1))},
-}
+# Library bugs this suite found were fixed; the tables stay for any new finding.
+BUGS: dict = {}  # every library bug this table listed is fixed
 
 
 def _expected_key(kind: str, label: str, access: tuple) -> str | None:
@@ -274,7 +268,7 @@ NEWLINE_BUG = ("library bug: identifiers._IDENT and policy._PATTERN_PART are mat
 
 
 def _nl(values, bad):
-    return [pytest.param(v, marks=[pytest.mark.xfail(strict=True, reason=NEWLINE_BUG)]) if v in bad else v for v in values]
+    return list(values)  # the trailing-newline bug is fixed
 
 
 STAR_STAR = {**copy.deepcopy(FULL), "roles": {"all": {
@@ -348,10 +342,7 @@ YAML_CASES = {
     "deep nesting": ("version: " + "[" * 5000 + "]" * 5000 + "\n", ""),
     "deep mapping nesting": ("version: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n", ""),
 }
-YAML_BUGS = {
-    "deep nesting": "policy.load_policy lets PyYAML's recursive composer raise RecursionError (not PolicyError) on deeply nested flow collections",
-    "deep mapping nesting": "same: RecursionError escapes load_policy",
-}
+YAML_BUGS: dict = {}  # every library bug this table listed is fixed
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason="library bug: " + YAML_BUGS[c])] if c in YAML_BUGS else [])
@@ -395,10 +386,6 @@ def _load_in_child(path: str, timeout: float = 20) -> subprocess.CompletedProces
                           cwd=Path(__file__).resolve().parents[1])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: policy.load_policy checks st_size (0 for devices and FIFOs) and then read_text()s "
-    "everything: /dev/zero reads until memory runs out; read at most MAX_POLICY_BYTES + 1 and "
-    "refuse non-regular files"))
 def test_a_device_as_policy_path_is_refused_not_read_forever():
     proc = _load_in_child("/dev/zero")
     assert proc.stdout.startswith("PolicyError"), proc.stdout + proc.stderr
@@ -423,14 +410,11 @@ BAD_PRINCIPALS = [
     "user:bob;groups=a\nb", "user:" + "a" * 257,
     "service_principal:not-a-uuid", "service_principal:" + SP + "x", "user:bob\t@example.com",
 ]
-PRINCIPAL_BUGS = {
-    "user:" + "é" * 10_000: "identity.parse_local_principal echoes the whole value in its error ({value!r}): a 10 000-character value gives a 10 KB message",
-    "user:bob\n;groups=data-science": "identity.parse_local_principal matches NAME with re.match and `$`, which accepts a trailing newline: the principal becomes 'bob\\n' (use fullmatch or \\Z)",
-}
+PRINCIPAL_BUGS: dict = {}  # every library bug this table listed is fixed
 
 
 @pytest.mark.parametrize("value", [pytest.param(v, id=repr(v[:30]), marks=[pytest.mark.xfail(strict=True, reason="library bug: " + PRINCIPAL_BUGS[v])] if v in PRINCIPAL_BUGS else [])
-                                   for v in BAD_PRINCIPALS + list(PRINCIPAL_BUGS)])
+                                   for v in BAD_PRINCIPALS + ["user:" + "é" * 10_000, "user:bob\n;groups=data-science"]])
 def test_malformed_local_principals_are_refused_with_a_short_clear_error(value):
     with pytest.raises(IdentityError) as e:
         parse_local_principal(value)
@@ -598,10 +582,7 @@ def test_quoted_semicolons_and_comment_markers_are_data_not_sql(world, env, spar
 BAD_TABLES = ["features.canary; DROP TABLE features.canary", 'features."canary"', "features.canary--",
               "features.canary/*", "features.can ary", "features.canary\x00", "features.`canary`",
               "features.canary)", "(SELECT 1).x", "features.*", "features.canary\n", "x" * 1_000_000]
-TABLE_BUGS = {
-    "features.canary\n": "identifiers.check_identifier uses re.match with `$`, which accepts one trailing newline; the name reaches SQL as \"canary\\n\" (use fullmatch or \\Z)",
-    "x" * 1_000_000: "identifiers.parse_table echoes the whole input in its error ({name!r}): a 1 MB name gives a 1 MB message",
-}
+TABLE_BUGS: dict = {}  # every library bug this table listed is fixed
 
 
 @pytest.mark.slow
@@ -697,10 +678,6 @@ def test_queries_that_would_modify_data_never_do(world, env, spark, canaries, en
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: reads.read_table checks the tables of query= against the role's patterns "
-    "(EXPLAIN) but not those of a where= subquery; run the same check on "
-    "'SELECT 1 FROM <relation> WHERE (<where>)'"))
 def test_where_subquery_into_a_table_outside_the_role_is_denied_like_a_query(world, canaries, audited, spark):
     events = audited(ANALYST, spark)
     with pytest.raises(AccessDenied):
@@ -814,9 +791,6 @@ def test_oversized_values_fail_the_write_and_leave_the_target_unchanged(world, e
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: credentials._STS_NAME_BAD is a Unicode regex ([^\\w+=,.@-] without re.ASCII), so "
-    "non-ASCII letters pass into SourceIdentity and RoleSessionName, which STS only accepts as ASCII"))
 def test_unicode_principal_bound_in_the_policy_works_end_to_end(world, env, tmp_path):
     """A legitimate non-ASCII principal: STS gets a valid SourceIdentity and session name,
     the database session works, the audit trail keeps the real name."""
@@ -910,9 +884,9 @@ TLS_RETRY_BUG = ("library bug: engines._MySQL.is_transient treats error 2003 as 
     ("postgresql", "analytics", "certificate from another CA"),
     ("postgresql", "analytics", "redirected to another address"),
     pytest.param("mysql", "orders", "certificate from another CA",
-                 marks=pytest.mark.xfail(strict=True, reason=TLS_RETRY_BUG)),
+                 ),
     pytest.param("mysql", "orders", "redirected to another address",
-                 marks=pytest.mark.xfail(strict=True, reason=TLS_RETRY_BUG)),
+                 ),
 ])
 @pytest.mark.slow
 def test_tls_verification_stops_the_connection_before_the_token_is_sent(world, env, tmp_path, monkeypatch,

@@ -240,7 +240,17 @@ def write_table(
             record_access(ctx, chosen, target, "write", [str(name)], rows=rows, mode=mode,
                           elapsed=time.perf_counter() - started, lineage=False)
 
-        rows = _publish(conn, target, name, stage, qcols, mode, key, staged, winners, audit_before_commit)
+        try:
+            rows = _publish(conn, target, name, stage, qcols, mode, key, staged, winners, audit_before_commit)
+        except AuroraDbxError:
+            raise
+        except Exception as e:
+            # Before COMMIT the transaction rolls back with the connection: nothing landed.
+            raise AuroraDbxError(
+                f"writing {name} failed while publishing ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else 'connection lost'}); "
+                "the publish transaction was rolled back and nothing was published; retry the write"
+            ) from None
     except BaseException:
         try:
             conn.rollback()
@@ -329,7 +339,13 @@ def _publish(conn: Any, cluster: Cluster, table: TableName, stage: str, qcols: l
             rows = staged
     written = int(staged if mode == "upsert" else rows)
     before_commit(written)
-    conn.commit()
+    try:
+        conn.commit()
+    except Exception as e:
+        raise AuroraDbxError(
+            f"the connection to {cluster.name} failed during the COMMIT that publishes {table} "
+            f"({type(e).__name__}); the write may or may not have landed: check the table before retrying"
+        ) from None
     return written
 
 

@@ -30,12 +30,6 @@ FAST = settings(max_examples=300, deadline=None, derandomize=True)
 DB = settings(max_examples=50, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
-NEWLINE_BUG = ("library bug: identifiers._IDENT is matched with re.match and `$`, which also matches "
-               "before a trailing newline, so 'a\\n' is accepted as a plain identifier (use re.fullmatch)")
-BYTES_BUG = ("library bug: identifiers.check_identifier limits names to 63 *characters*, but PostgreSQL "
-             "keeps 63 *bytes* (NAMEDATALEN-1) and silently truncates longer UTF-8 names: 'ä' * 32 "
-             "becomes a different table (limit len(name.encode()) to 63)")
-
 # -- identifiers ---------------------------------------------------------------------------------
 
 # Plain identifiers (any script, up to past the length limit), arbitrary text, and the

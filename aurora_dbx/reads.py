@@ -254,26 +254,14 @@ def read_table(
             except Exception as e:
                 if not _is_permission_error(e):
                     raise
-                err = AccessDenied(
-                    f"the database refused the query for {chosen.db_user} (role {chosen.name}): "
-                    f"{str(e).strip().splitlines()[0]}"
-                )
-                ctx.audit(AuditEvent(event="denied", outcome="denied", principal=principal.name,
-                                     principal_type=principal.kind, role_arn=chosen.iam_role_arn,
-                                     role=chosen.name, db_user=chosen.db_user, cluster=target.name,
-                                     table=str(name), reason=str(err), project=ctx.policy.project))
-                raise err from None
+                raise _denied(ctx, chosen, target, str(name),
+                              f"the database refused the query for {chosen.db_user} (role {chosen.name}): "
+                              f"{str(e).strip().splitlines()[0]}") from None
             outside = sorted(str(t) for t in tables_read if not chosen.allows(t, "read"))
             if outside:
-                err = AccessDenied(
-                    f"{principal} may not read {', '.join(outside)} through role {chosen.name} "
-                    f"(covers {', '.join(p.text for p in chosen.tables)}); the query was not run"
-                )
-                ctx.audit(AuditEvent(event="denied", outcome="denied", principal=principal.name,
-                                     principal_type=principal.kind, role_arn=chosen.iam_role_arn,
-                                     role=chosen.name, db_user=chosen.db_user, cluster=target.name,
-                                     table=",".join(outside), reason=str(err), project=ctx.policy.project))
-                raise err
+                raise _denied(ctx, chosen, target, ",".join(outside),
+                              f"{principal} may not read {', '.join(outside)} through role {chosen.name} "
+                              f"(covers {', '.join(p.text for p in chosen.tables)}); the query was not run")
         try:
             cols = _describe(conn, target, select, relation)
         except SchemaMismatch:
@@ -318,6 +306,15 @@ def read_table(
     record_access(ctx, chosen, target, "read", sorted(str(t) for t in tables_read), query=query,
                   schema=df.schema, elapsed=time.perf_counter() - started)
     return df
+
+
+def _denied(ctx: Context, role: Role, cluster: Cluster, table: str, reason: str) -> AccessDenied:
+    """An AccessDenied found after the policy decision, audited like the policy's own denials."""
+    p = ctx.principal()
+    ctx.audit(AuditEvent(event="denied", outcome="denied", principal=p.name, principal_type=p.kind,
+                         role_arn=role.iam_role_arn, role=role.name, db_user=role.db_user,
+                         cluster=cluster.name, table=table, reason=reason, project=ctx.policy.project))
+    return AccessDenied(reason)
 
 
 def _is_spark_connect(spark: Any) -> bool:
